@@ -1,0 +1,143 @@
+"""Validate, de-duplicate and write raw images to ``data/raw/<class>/``, with a report."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .images import BadImageError, inspect_bytes, normalized_bytes
+from .project import DataError
+from .sources import SourceImage
+
+
+@dataclass
+class IngestReport:
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)  # {origin, label, reason}
+    duplicates: list[dict] = field(default_factory=list)  # {label, kept, dropped, sha256}
+    conflicts: list[dict] = field(default_factory=list)  # {sha256, labels, origins}
+    converted: int = 0
+    capped: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "images": sum(self.counts.values()),
+            "classes": len(self.counts),
+            "per_class": dict(sorted(self.counts.items())),
+            "skipped": len(self.skipped),
+            "duplicates_removed": len(self.duplicates),
+            "label_conflicts": len(self.conflicts),
+            "converted_to_png": self.converted,
+            "dropped_by_max_per_class": self.capped,
+        }
+
+    def as_dict(self) -> dict:
+        return {"summary": self.summary(), "skipped": self.skipped,
+                "duplicates": self.duplicates, "conflicts": self.conflicts}
+
+
+@dataclass(frozen=True)
+class _Valid:
+    label: str
+    origin: str
+    sha256: str
+    data: bytes
+    extension: str
+    converted: bool
+
+
+def _safe_stem(origin: str) -> str:
+    stem = Path(origin.split(":")[-1]).stem
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")
+    return stem[:40] or "image"
+
+
+def _validate(item: SourceImage) -> _Valid | dict:
+    try:
+        info = inspect_bytes(item.data)
+        data, extension = normalized_bytes(item.data, info)
+    except BadImageError as err:
+        return {"origin": item.origin, "label": item.label, "reason": str(err)}
+    return _Valid(item.label, item.origin, hashlib.sha256(item.data).hexdigest(), data, extension,
+                  converted=data is not item.data)
+
+
+def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, max_per_class: int = 0,
+           seed: int = 0, workers: int = 4) -> IngestReport:
+    """Write every valid, unique, unambiguous image to ``out_dir/<label>/``.
+
+    The folder is built beside ``out_dir`` and moved into place at the end, so a failure
+    leaves no half-written output. Raises ValueError if no class keeps any image.
+    """
+    report = IngestReport()
+    by_hash: dict[str, dict[str, _Valid]] = defaultdict(dict)  # sha -> label -> first seen
+    labels_seen: set[str] = set()
+
+    def consume(result: _Valid | dict) -> None:
+        if isinstance(result, dict):
+            report.skipped.append(result)
+            return
+        kept = by_hash[result.sha256].get(result.label)
+        if kept is not None:
+            report.duplicates.append({"label": result.label, "kept": kept.origin,
+                                      "dropped": result.origin, "sha256": result.sha256})
+        else:
+            by_hash[result.sha256][result.label] = result
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = []
+        for item in items:
+            if isinstance(item, tuple):
+                report.skipped.append({"origin": item[0], "label": None, "reason": item[1]})
+                continue
+            labels_seen.add(item.label)
+            pending.append(pool.submit(_validate, item))
+            if len(pending) >= 256:
+                for future in pending:
+                    consume(future.result())
+                pending = []
+        for future in pending:
+            consume(future.result())
+
+    per_label: dict[str, list[_Valid]] = defaultdict(list)
+    for sha, entries in by_hash.items():
+        if len(entries) > 1:
+            report.conflicts.append({"sha256": sha, "labels": sorted(entries),
+                                     "origins": sorted(v.origin for v in entries.values())})
+            continue
+        (valid,) = entries.values()
+        per_label[valid.label].append(valid)
+
+    empty = sorted(labels_seen - {label for label, v in per_label.items() if v})
+    if not per_label:
+        raise DataError("no valid images found in the data source")
+    if empty:
+        raise DataError(f"class folder(s) with no valid images: {', '.join(empty)} "
+                         "(remove them or add images)")
+
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for label, images in sorted(per_label.items()):
+            images.sort(key=lambda v: hashlib.sha256(f"{seed}:{v.sha256}".encode()).hexdigest())
+            if max_per_class and len(images) > max_per_class:
+                report.capped += len(images) - max_per_class
+                images = images[:max_per_class]
+            folder = staging / label
+            folder.mkdir(parents=True)
+            for valid in images:
+                (folder / f"{_safe_stem(valid.origin)}-{valid.sha256[:12]}{valid.extension}").write_bytes(valid.data)
+                report.converted += valid.converted
+            report.counts[label] = len(images)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.skipped.sort(key=lambda s: s["origin"])
+    return report

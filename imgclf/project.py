@@ -1,0 +1,72 @@
+"""Where the project's files live. Stages run from the project root (DVC sets DVC_ROOT)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Output paths of every stage, relative to one root (mirrors dvc.yaml)."""
+
+    root: Path
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def split(self) -> Path:
+        return self.root / "data" / "split"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def model(self, name: str) -> Path:
+        return self.models / f"{name}.keras"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def plots(self, stage: str) -> Path:
+        return self.root / "plots" / stage
+
+    def reports(self, stage: str) -> Path:
+        return self.root / "reports" / stage
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class DataError(ValueError):
+    """Input data cannot be used (empty class, no images, bad archive...)."""
+
+
+def run_stage(main) -> None:
+    """Run a stage's main(); input errors end it with one clear line and exit status 1."""
+    import sys
+
+    from .params import ParamsError
+    from .tracking import TrackingError
+
+    try:
+        main()
+    except (ParamsError, DataError, FileNotFoundError, TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,244 @@
+"""MLflow tracking: one parent run per pipeline execution, one child run per stage.
+
+Stages are separate processes, so the parent is found or created by a stable key:
+the DVC experiment name when DVC runs an experiment, else the `dvc repro` process that
+launched the stage, else the stage process itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+from .params import Params
+
+PIPELINE_KEY_TAG = "imgclf.pipeline_key"
+RUN_KIND_TAG = "imgclf.run_kind"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def main_project_root(root: Path) -> Path:
+    """Queued DVC experiments run in ``<root>/.dvc/tmp/exps/...`` copies: map back to <root>."""
+    parts = root.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root.resolve()
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the project's ``mlflow.db`` as an absolute path."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{main_project_root(root) / 'mlflow.db'}"
+
+
+def artifact_location(root: Path) -> str | None:
+    """Artifacts beside the default store, under the main project root (None: server decides)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (main_project_root(root) / "mlruns").as_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at the start of a stage, not after training, if a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status >= 400:
+                raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status}")
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix MLFLOW_TRACKING_URI, "
+            "or set mlflow.enabled: false in params.yaml") from err
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a Linux process, or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[1]), fields[19]
+
+
+def _dvc_ancestor() -> str | None:
+    """The `dvc` process that launched this stage, as ``pid-starttime``, if any."""
+    pid = os.getppid()
+    for _ in range(12):
+        if pid <= 1:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        stat = _proc_stat(pid)
+        if stat is None:
+            return None
+        if any(Path(arg.decode(errors="ignore")).name == "dvc" for arg in cmdline[:2]) or \
+                (len(cmdline) > 2 and cmdline[1] == b"-m" and cmdline[2] == b"dvc"):
+            return f"{pid}-{stat[1]}"
+        pid = stat[0]
+    return None
+
+
+def pipeline_key(root: Path) -> tuple[str, str]:
+    """(key, display name) identifying the pipeline execution this stage belongs to."""
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+        return f"exp:{exp_name}:{baseline}", exp_name
+    ancestor = _dvc_ancestor()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if ancestor:
+        return f"repro:{os.uname().nodename}:{ancestor}", f"repro {stamp}"
+    return f"process:{os.uname().nodename}:{os.getpid()}:{time.time()}", f"manual {stamp}"
+
+
+class StageRun:
+    """A child run for one stage. Every method is a no-op when tracking is off."""
+
+    def __init__(self, client: Any = None, run_id: str | None = None, parent_id: str | None = None):
+        self.client = client
+        self.run_id = run_id
+        self.parent_id = parent_id
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, parent: bool = False) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for run_id in [self.run_id] + ([self.parent_id] if parent and self.parent_id else []):
+            for start in range(0, len(items), 500):
+                self.client.log_batch(run_id, metrics=items[start:start + 500])
+
+    def log_history(self, history: dict[str, list[float]], prefix: str = "") -> None:
+        """Per-epoch metrics, one step per epoch."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(f"{prefix}{name}", float(value), now, epoch)
+                 for name, values in history.items() for epoch, value in enumerate(values)]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 500])
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.active and Path(path).exists():
+            if Path(path).is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model_path: Path, name: str) -> None:
+        """Log a saved .keras model as an MLflow Keras model (loadable with mlflow.keras.load_model)."""
+        if not self.active:
+            return
+        import keras
+        import mlflow
+
+        model = keras.models.load_model(model_path)
+        with _attached(self.client, self.run_id):
+            mlflow.keras.log_model(model, name=name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+
+@contextlib.contextmanager
+def _attached(client: Any, run_id: str) -> Iterator[None]:
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def _find_or_create_parent(client: Any, experiment_id: str, key: str, name: str, tags: dict) -> str:
+    query = f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`{RUN_KIND_TAG}` = 'pipeline'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=name,
+                            tags={**tags, PIPELINE_KEY_TAG: key, RUN_KIND_TAG: "pipeline"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
+    """Open the child run of ``stage`` under its pipeline's parent run, logging all params.
+
+    With ``mlflow.enabled: false`` this yields an inactive run and touches nothing.
+    """
+    if not params.mlflow.enabled:
+        yield StageRun()
+        return
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(params.mlflow.experiment,
+                                                 artifact_location=artifact_location(root))
+    else:
+        experiment_id = experiment.experiment_id
+    key, display = pipeline_key(root)
+    tags = {
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "git_commit": git_commit(root),
+        "mlflow.source.git.commit": git_commit(root),
+        "backbone": params.model.backbone,
+    }
+    parent_id = _find_or_create_parent(client, experiment_id, key, display, tags)
+    run = client.create_run(experiment_id, run_name=stage, tags={
+        **tags, "stage": stage, RUN_KIND_TAG: "stage", PIPELINE_KEY_TAG: key, "mlflow.parentRunId": parent_id})
+    run_id = run.info.run_id
+    flat = params.flat()
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in flat.items()]
+    client.log_batch(run_id, params=items)
+    with contextlib.suppress(Exception):  # the parent may already hold the same values
+        client.log_batch(parent_id, params=items)
+    stage_tracker = StageRun(client, run_id, parent_id)
+    try:
+        yield stage_tracker
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,93 @@
+"""Shared test helpers: generated image folders and throw-away DVC projects."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["imgclf", "stages", "params.yaml", "dvc.yaml", "inputs", ".gitignore", ".dvcignore"]
+COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 200, 40), (200, 40, 200)]
+
+
+def make_image(seed: int, color: tuple[int, int, int], size: int = 48) -> np.ndarray:
+    """A noisy image whose dominant colour (the class) is learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    base = np.array(color, dtype=np.int16) + rng.integers(-40, 40, (size, size, 3))
+    y, x = rng.integers(0, size - 12, 2)
+    base[y:y + 12, x:x + 12] = rng.integers(0, 255, 3)  # a random blob: every image is unique
+    return base.clip(0, 255).astype(np.uint8)
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 48, seed: int = 0) -> Path:
+    """``root/<class>/<n>.jpg`` with ``per_class`` distinct images per class."""
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = make_image(seed * 100_000 + c * 1000 + i, COLORS[c % len(COLORS)], size)
+            Image.fromarray(image).save(folder / f"img_{i:03d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "photos")
+
+
+def tiny_params(**sections) -> dict:
+    """The committed params.yaml with quick settings, overridden per section."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(backbone="mobilenetv2", weights="none", image_size=32)
+    params["baseline"].update(image_size=32, epochs=1, filters=[8, 16])
+    params["head"].update(epochs=1)
+    params["finetune"].update(epochs=1, unfreeze_layers=5)
+    params["train"].update(batch_size=8)
+    params["gradcam"].update(num_images=4)
+    params["evaluate"].update(gallery_size=4)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            params.setdefault(section, {}).update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    full_env.update(env or {})
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline and ``params``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "config", "user.email", "test@example.com"], dest)
+    run(["git", "config", "user.name", "test"], dest)
+    run([sys.executable, "-m", "dvc", "init", "-q"], dest)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-qm", "init"], dest)
+    return dest
+
+
+def dvc(project: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], project, check=check, env=env)

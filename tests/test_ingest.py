@@ -1,0 +1,52 @@
+import shutil
+from collections import Counter
+
+import pytest
+
+from imgclf.ingest import ingest
+from imgclf.sources import iter_folder
+from conftest import make_folder
+
+
+def test_ingest_keeps_valid_unique_images_and_reports_the_rest(tmp_path):
+    src = make_folder(tmp_path / "src", classes=3, per_class=8)
+    (src / "class_0" / "notes.txt").write_text("not an image")
+    (src / "class_0" / "zero.jpg").write_bytes(b"")
+    good = (src / "class_1" / "img_000.jpg").read_bytes()
+    (src / "class_1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    shutil.copy(src / "class_1" / "img_001.jpg", src / "class_1" / "copy_of_1.jpg")  # same class
+    shutil.copy(src / "class_2" / "img_002.jpg", src / "class_0" / "conflict.jpg")  # two classes
+    (src / "stray.txt").write_text("outside any class")
+
+    report = ingest(iter_folder(src), tmp_path / "raw")
+
+    skipped = {s["origin"].split("/")[-1]: s["reason"] for s in report.skipped}
+    assert set(skipped) == {"notes.txt", "zero.jpg", "truncated.jpg", "stray.txt"}
+    assert "empty" in skipped["zero.jpg"] and "truncated" in skipped["truncated.jpg"]
+    assert len(report.duplicates) == 1
+    pair = {report.duplicates[0]["kept"].split("/")[-1], report.duplicates[0]["dropped"].split("/")[-1]}
+    assert pair == {"img_001.jpg", "copy_of_1.jpg"}
+    assert len(report.conflicts) == 1 and report.conflicts[0]["labels"] == ["class_0", "class_2"]
+    # the conflicting image is excluded from both classes
+    assert report.counts == {"class_0": 8, "class_1": 8, "class_2": 7}
+    written = Counter(p.parent.name for p in (tmp_path / "raw").rglob("*.jpg"))
+    assert written == report.counts
+
+
+def test_max_per_class_caps_deterministically(tmp_path):
+    src = make_folder(tmp_path / "src", classes=2, per_class=10)
+    a = ingest(iter_folder(src), tmp_path / "a", max_per_class=4, seed=1)
+    b = ingest(iter_folder(src), tmp_path / "b", max_per_class=4, seed=1)
+    assert a.counts == {"class_0": 4, "class_1": 4} and a.capped == 12
+    names = lambda root: sorted(p.name for p in root.rglob("*.jpg"))  # noqa: E731
+    assert names(tmp_path / "a") == names(tmp_path / "b")
+
+
+def test_class_with_only_bad_files_fails_and_writes_nothing(tmp_path):
+    src = make_folder(tmp_path / "src", classes=2, per_class=3)
+    (src / "broken").mkdir()
+    (src / "broken" / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="no valid images: broken"):
+        ingest(iter_folder(src), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    assert not list(tmp_path.glob(".raw*"))

@@ -1,0 +1,59 @@
+"""`dvc repro split` end to end in a throw-away git + DVC repository."""
+import hashlib
+import json
+import shutil
+import sys
+
+import yaml
+
+from conftest import dvc, make_folder, make_project, run, tiny_params
+
+
+def test_repro_split_on_a_folder_with_bad_files(tmp_path):
+    photos = make_folder(tmp_path / "photos", classes=3, per_class=15)
+    (photos / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (photos / "class_1" / "empty.png").write_bytes(b"")
+    shutil.copy(photos / "class_2" / "img_000.jpg", photos / "class_0" / "same_as_class_2.jpg")
+    project = make_project(tmp_path / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
+
+    result = dvc(project, "repro", "split")
+    assert "skipped" in result.stdout
+
+    report = json.loads((project / "reports/download/report.json").read_text())
+    skipped = sorted(s["origin"].rsplit("/", 1)[-1] for s in report["skipped"])
+    assert skipped == ["broken.jpg", "empty.png"]
+    assert report["conflicts"][0]["labels"] == ["class_0", "class_2"]
+
+    seen = {}
+    for split in ("train", "val", "test"):
+        for f in (project / "data/split" / split).rglob("*.*"):
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            assert digest not in seen, f"{f.name} is in {split} and {seen[digest]}"
+            seen[digest] = split
+    assert len(seen) == 15 * 3 - 1  # the conflicting image left both classes
+    counts = json.loads((project / "metrics/split.json").read_text())
+    assert sum(counts[s]["total"] for s in ("train", "val", "test")) == len(seen)
+    assert (project / "plots/download/class_distribution.png").stat().st_size > 0
+
+    again = dvc(project, "repro")
+    assert "Data and pipelines are up to date" in again.stdout or "didn't change" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    status = dvc(project, "status")
+    assert "up to date" in status.stdout.lower()
+
+
+def test_bad_params_stop_the_stage_with_the_key(tmp_path):
+    project = make_project(tmp_path / "project", tiny_params(
+        data={"source": "folder", "path": str(tmp_path / "missing")}))
+    result = dvc(project, "repro", "download", check=False)
+    assert result.returncode != 0
+    assert str(tmp_path / "missing") in result.stderr + result.stdout  # DVC checks the dependency
+    direct = run([sys.executable, "-m", "stages.download"], project, check=False)
+    assert direct.returncode != 0
+    assert "data.path: folder not found" in direct.stderr
+    assert not (project / "data/raw").exists()
+
+    (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(split={"train": 0.9})))
+    direct = run([sys.executable, "-m", "stages.split"], project, check=False)
+    assert "split: train + val + test must sum to 1" in direct.stderr
