@@ -130,11 +130,12 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class BaselineParams:
-    image_size: int = 128
-    epochs: int = 30
+    image_size: int = 96
+    epochs: int = 25
     learning_rate: float = 1e-3
     patience: int = 5
     filters: tuple[int, ...] = (32, 64, 128, 256)
+    convs_per_block: int = 1
     dropout: float = 0.3
 
     def validate(self, key: str) -> None:
@@ -145,6 +146,7 @@ class BaselineParams:
         _check(len(self.filters) > 0 and all(f > 0 for f in self.filters), f"{key}.filters",
                f"must be a non-empty list of positive integers, got {list(self.filters)}")
         _fraction(self.dropout, f"{key}.dropout")
+        _check(self.convs_per_block >= 1, f"{key}.convs_per_block", f"must be >= 1, got {self.convs_per_block}")
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,11 @@ class FinetuneParams:
     unfreeze_layers: int = 30
     patience: int = 3
     reduce_lr_patience: int = 2
+    cache_activations: bool = True
+    cached_views: int = 2
 
     def validate(self, key: str) -> None:
+        _check(self.cached_views >= 1, f"{key}.cached_views", f"must be >= 1, got {self.cached_views}")
         _non_negative(self.epochs, f"{key}.epochs")
         _positive(self.learning_rate, f"{key}.learning_rate")
         _non_negative(self.unfreeze_layers, f"{key}.unfreeze_layers")

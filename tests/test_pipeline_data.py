@@ -35,11 +35,11 @@ def test_repro_split_on_a_folder_with_bad_files(tmp_path):
     assert sum(counts[s]["total"] for s in ("train", "val", "test")) == len(seen)
     assert (project / "plots/download/class_distribution.png").stat().st_size > 0
 
-    again = dvc(project, "repro")
+    again = dvc(project, "repro", "split")
     assert "Data and pipelines are up to date" in again.stdout or "didn't change" in again.stdout
     assert "Running stage" not in again.stdout
 
-    status = dvc(project, "status")
+    status = dvc(project, "status", "split")
     assert "up to date" in status.stdout.lower()
 
 

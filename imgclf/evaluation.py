@@ -1,0 +1,193 @@
+"""Test-set metrics, per-class diagnostics and the baseline-vs-transfer comparison (pure functions)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray  # (N, C) softmax outputs
+    labels: np.ndarray  # (N,) true class indices
+    class_names: list[str]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def macro_roc_auc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    scores = []
+    for c in present:
+        scores.append(skm.roc_auc_score(labels == c, probs[:, c]))
+    return float(np.mean(scores))
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return float(-np.log(picked).mean())
+
+
+def summary_metrics(pred: Predictions, bins: int = 10) -> dict[str, float | None]:
+    y, p = pred.labels, pred.predicted
+    return {
+        "accuracy": float(skm.accuracy_score(y, p)),
+        "macro_f1": float(skm.f1_score(y, p, average="macro", labels=range(len(pred.class_names)),
+                                       zero_division=0)),
+        "weighted_f1": float(skm.f1_score(y, p, average="weighted", zero_division=0)),
+        "top2_accuracy": top_k_accuracy(pred.probs, y, 2),
+        "roc_auc_macro_ovr": macro_roc_auc(pred.probs, y),
+        "ece": expected_calibration_error(pred.probs, y, bins),
+        "test_loss": log_loss(pred.probs, y),
+        "test_images": int(len(y)),
+    }
+
+
+def per_class(pred: Predictions) -> list[dict]:
+    labels = list(range(len(pred.class_names)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        pred.labels, pred.predicted, labels=labels, zero_division=0)
+    return [{"class": name, "precision": float(precision[i]), "recall": float(recall[i]),
+             "f1": float(f1[i]), "support": int(support[i])} for i, name in enumerate(pred.class_names)]
+
+
+def classification_report(pred: Predictions) -> str:
+    return skm.classification_report(pred.labels, pred.predicted, labels=range(len(pred.class_names)),
+                                     target_names=pred.class_names, digits=4, zero_division=0)
+
+
+def confusion(pred: Predictions) -> np.ndarray:
+    return skm.confusion_matrix(pred.labels, pred.predicted, labels=range(len(pred.class_names)))
+
+
+def most_confused_pairs(matrix: np.ndarray, names: list[str], top: int = 5) -> list[dict]:
+    """Off-diagonal cells, largest first: (actual, predicted, count, share of the actual class)."""
+    pairs = []
+    totals = matrix.sum(axis=1)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            if i != j and matrix[i, j] > 0:
+                pairs.append({"actual": names[i], "predicted": names[j], "count": int(matrix[i, j]),
+                              "share_of_actual": round(float(matrix[i, j] / totals[i]), 4)})
+    return sorted(pairs, key=lambda d: (-d["count"], d["actual"], d["predicted"]))[:top]
+
+
+def weak_classes(rows: list[dict], threshold: float) -> list[dict]:
+    """Classes under the F1 threshold, each marked by what goes wrong."""
+    out = []
+    for row in rows:
+        if row["f1"] < threshold:
+            if row["precision"] < row["recall"]:
+                issue = "low precision (over-predicted: other classes are labelled as it)"
+            else:
+                issue = "low recall (missed: its images are labelled as other classes)"
+            out.append({**row, "issue": issue})
+    return out
+
+
+def confidently_wrong(pred: Predictions, count: int) -> np.ndarray:
+    """Indices of wrong predictions, most confident first."""
+    wrong = np.flatnonzero(pred.predicted != pred.labels)
+    return wrong[np.argsort(-pred.confidence[wrong], kind="stable")][:count]
+
+
+def throughput(predict, images: np.ndarray, repeats: int = 1) -> float:
+    """Images per second of ``predict(images)`` after one warm-up batch."""
+    predict(images[: min(len(images), 8)])
+    started = time.perf_counter()
+    for _ in range(repeats):
+        predict(images)
+    return float(len(images) * repeats / (time.perf_counter() - started))
+
+
+def overfitting_verdict(train_accuracy: float | None, val_accuracy: float | None) -> tuple[float | None, str]:
+    if train_accuracy is None or val_accuracy is None:
+        return None, "no training history"
+    gap = train_accuracy - val_accuracy
+    if gap > 0.10:
+        verdict = "overfits: train accuracy well above validation"
+    elif gap > 0.03:
+        verdict = "mild overfitting"
+    elif gap < -0.03:
+        verdict = "validation above train (dropout/augmentation make training harder)"
+    else:
+        verdict = "fits well: train and validation agree"
+    return round(gap, 4), verdict
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def fmt(value):
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(fmt(row[k]) for k in keys) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_rows(evaluated: dict[str, dict], trained: dict[str, dict]) -> list[dict]:
+    """One row per model: test quality, training cost and the overfitting gap."""
+    rows = []
+    for name, test in evaluated.items():
+        train = trained.get(name, {})
+        gap, verdict = overfitting_verdict(train.get("best_train_accuracy"), train.get("best_val_accuracy"))
+        rows.append({
+            "model": name,
+            "test_accuracy": test["accuracy"],
+            "macro_f1": test["macro_f1"],
+            "best_val_accuracy": train.get("best_val_accuracy"),
+            "train_seconds": train.get("train_seconds"),
+            "params_total": test.get("params_total"),
+            "params_trainable": train.get("params_trainable"),
+            "overfitting_gap": gap,
+            "verdict": verdict,
+        })
+    return rows
+
+
+def comparison_summary(rows: list[dict]) -> str:
+    """Plain words: which model wins and by how much over the from-scratch baseline."""
+    if not rows:
+        return ""
+    best = max(rows, key=lambda r: (r["macro_f1"], r["test_accuracy"]))
+    lines = [f"Best model on the test split: **{best['model']}** "
+             f"(accuracy {best['test_accuracy']:.4f}, macro F1 {best['macro_f1']:.4f})."]
+    base = next((r for r in rows if r["model"] == "baseline"), None)
+    if base and best["model"] != "baseline":
+        lines.append(f"Transfer learning beats the CNN trained from scratch by "
+                     f"{100 * (best['test_accuracy'] - base['test_accuracy']):+.1f} accuracy points.")
+    return "\n\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""Export a trained model as a TensorFlow SavedModel and TFLite files, and check parity."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def export_saved_model(model, directory: Path) -> None:
+    """``model.export`` (Keras 3): a serving SavedModel taking float32 images 0..255."""
+    shutil.rmtree(directory, ignore_errors=True)
+    model.export(str(directory), format="tf_saved_model", verbose=False)
+
+
+def convert_tflite(saved_model: Path, path: Path, quantization: str = "none") -> None:
+    """float32 TFLite, or float16 / dynamic-range int8 weights."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if quantization in ("float16", "int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    path.write_bytes(converter.convert())
+
+
+def saved_model_predictor(directory: Path):
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(directory))  # keep a reference: it owns the variables
+    return lambda images: loaded.serve(tf.constant(images, dtype=tf.float32)).numpy()
+
+
+def tflite_predictor(path: Path):
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_path=str(path))
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        results = []
+        for image in images:  # batch 1: the shape a deployed TFLite model sees
+            interpreter.resize_tensor_input(inp["index"], (1, *image.shape))
+            interpreter.allocate_tensors()
+            interpreter.set_tensor(inp["index"], image[None].astype(np.float32))
+            interpreter.invoke()
+            results.append(interpreter.get_tensor(out["index"])[0])
+        return np.stack(results)
+
+    return predict
+
+
+def latency_ms(predict, images: np.ndarray, repeats: int = 3) -> float:
+    """Median milliseconds per single image."""
+    predict(images[:1])
+    timings = []
+    for image in images[:repeats * 4]:
+        started = time.perf_counter()
+        predict(image[None])
+        timings.append(time.perf_counter() - started)
+    return round(1000 * float(np.median(timings)), 3)
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 3)
+
+
+def export_all(model, class_names: list[str], image_size: int, out_dir: Path, quantization: str,
+               check_images: np.ndarray) -> dict:
+    """Write SavedModel, TFLite files and class names; return sizes, latency and parity."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = out_dir / "saved_model"
+    export_saved_model(model, saved)
+    formats = {"saved_model": saved, "tflite_float32": out_dir / "model_float32.tflite"}
+    convert_tflite(saved, formats["tflite_float32"])
+    if quantization != "none":
+        formats[f"tflite_{quantization}"] = out_dir / f"model_{quantization}.tflite"
+        convert_tflite(saved, formats[f"tflite_{quantization}"], quantization)
+    (out_dir / "class_names.json").write_text(json.dumps(
+        {"class_names": class_names, "image_size": image_size, "input": "float32 RGB 0..255, NHWC"}, indent=2))
+
+    reference = model.predict(check_images, verbose=0)
+    report = {"keras": {"latency_ms": latency_ms(lambda x: model.predict(x, verbose=0), check_images)}}
+    for name, path in formats.items():
+        predict = saved_model_predictor(path) if name == "saved_model" else tflite_predictor(path)
+        got = predict(check_images)
+        report[name] = {
+            "size_mb": size_mb(path),
+            "latency_ms": latency_ms(predict, check_images),
+            "max_abs_diff_vs_keras": round(float(np.abs(got - reference).max()), 6),
+            "top1_agreement": round(float((got.argmax(1) == reference.argmax(1)).mean()), 4),
+        }
+    return report

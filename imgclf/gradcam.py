@@ -1,0 +1,68 @@
+"""Grad-CAM in two steps, so it works on nested Keras 3 backbones.
+
+The usual recipe (``model.get_layer(...).output`` into a new Model) fails when the last
+convolutional feature map lives inside a nested backbone. Our models are linear chains at
+the top level, so we run the layers up to the last 4-D output (the backbone, or the last
+conv block of the baseline), watch that feature map under the tape, then run the head.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+
+def split_at_feature_map(model: keras.Model) -> tuple[list, list]:
+    """(layers producing the last 4-D feature map, layers after it)."""
+    chain = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    index = max(i for i, layer in enumerate(chain) if len(layer.output.shape) == 4)
+    return chain[: index + 1], chain[index + 1:]
+
+
+def _run(layers: list, x):
+    for layer in layers:
+        x = layer(x, training=False)
+    return x
+
+
+def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | None = None,
+            batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Heat maps in [0, 1] at the input size, and the model's probabilities.
+
+    ``class_indices``: the class explained per image (default: the predicted class).
+    """
+    body, head = split_at_feature_map(model)
+    heatmaps, probabilities = [], []
+    for start in range(0, len(images), batch_size):
+        batch = tf.convert_to_tensor(images[start:start + batch_size], dtype=tf.float32)
+        features = _run(body, batch)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            probs = _run(head, features)
+            if class_indices is None:
+                chosen = tf.argmax(probs, axis=1, output_type=tf.int32)
+            else:
+                chosen = tf.convert_to_tensor(class_indices[start:start + batch_size], dtype=tf.int32)
+            score = tf.gather(probs, chosen, axis=1, batch_dims=1)
+        grads = tape.gradient(score, features)
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))
+        peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+        cam = tf.math.divide_no_nan(cam, peak)
+        cam = tf.image.resize(cam[..., None], images.shape[1:3], method="bilinear")[..., 0]
+        heatmaps.append(tf.clip_by_value(cam, 0.0, 1.0).numpy())
+        probabilities.append(probs.numpy())
+    return np.concatenate(heatmaps), np.concatenate(probabilities)
+
+
+def pick_examples(labels: np.ndarray, probs: np.ndarray, count: int) -> np.ndarray:
+    """Half confidently right, half confidently wrong (fewer wrong if there are fewer)."""
+    predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    right = np.flatnonzero(predicted == labels)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: count // 2]
+    right = right[np.argsort(-confidence[right], kind="stable")]
+    # spread the correct ones across confidence levels rather than only the easiest
+    if len(right) > count - len(wrong):
+        right = right[np.linspace(0, len(right) - 1, count - len(wrong)).astype(int)]
+    return np.concatenate([right, wrong]).astype(int)

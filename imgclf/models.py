@@ -1,0 +1,178 @@
+"""Model builders (functional API). Every model takes raw RGB pixels in 0..255.
+
+Top-level models are linear chains of layers, which Grad-CAM relies on:
+``image -> preprocessing -> backbone -> avg_pool -> head_dropout -> [head_hidden] -> predictions``.
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import layers
+
+from .params import BaselineParams, ModelParams
+
+BACKBONE_LAYER = "backbone"
+POOL_LAYER = "avg_pool"
+OUTPUT_LAYER = "predictions"
+# ImageNet channel means in BGR order (caffe-style preprocessing of ResNet50).
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+@keras.saving.register_keras_serializable(package="imgclf")
+class CaffePreprocessing(layers.Layer):
+    """RGB 0..255 -> BGR minus the ImageNet mean, as ResNet50's ImageNet weights expect."""
+
+    def call(self, inputs):
+        bgr = keras.ops.flip(inputs, axis=-1)
+        return bgr - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=bgr.dtype)
+
+
+def preprocessing_layer(backbone: str) -> layers.Layer | None:
+    """The backbone's own input scaling as a real, serializable layer (None: built in)."""
+    if backbone == "mobilenetv2":
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")
+    if backbone == "resnet50":
+        return CaffePreprocessing(name="preprocessing")
+    if backbone == "efficientnetb0":
+        return None  # EfficientNet rescales and normalises 0..255 input itself
+    raise ValueError(f"unknown backbone {backbone!r}")
+
+
+def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
+    shape = (image_size, image_size, 3)
+    weights_arg = None if weights == "none" else weights
+    if backbone == "efficientnetb0":
+        model = keras.applications.EfficientNetB0(include_top=False, weights=weights_arg, input_shape=shape)
+    elif backbone == "mobilenetv2":
+        model = keras.applications.MobileNetV2(include_top=False, weights=weights_arg, input_shape=shape)
+    elif backbone == "resnet50":
+        model = keras.applications.ResNet50(include_top=False, weights=weights_arg, input_shape=shape)
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}")
+    model.name = BACKBONE_LAYER
+    return model
+
+
+def _head(x, config: ModelParams, num_classes: int):
+    x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    if config.hidden_units:
+        x = layers.Dense(config.hidden_units, activation="relu", name="head_hidden")(x)
+        x = layers.Dropout(config.dropout, name="head_hidden_dropout")(x)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)(x)
+
+
+def build_transfer_model(config: ModelParams, num_classes: int) -> keras.Model:
+    """Frozen backbone plus a fresh classification head."""
+    inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
+    x = inputs
+    preprocess = preprocessing_layer(config.backbone)
+    if preprocess is not None:
+        x = preprocess(x)
+    backbone = build_backbone(config.backbone, config.weights, config.image_size)
+    backbone.trainable = False
+    x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
+    x = layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    return keras.Model(inputs, _head(x, config, num_classes), name=f"{config.backbone}_classifier")
+
+
+def feature_extractor(model: keras.Model) -> keras.Model:
+    """The frozen part of a transfer model: image -> pooled backbone features."""
+    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
+
+
+def build_head_model(feature_dim: int, config: ModelParams, num_classes: int) -> keras.Model:
+    """The head alone, on cached features; its layers share names with the full model's head."""
+    inputs = keras.Input((feature_dim,), name="features")
+    return keras.Model(inputs, _head(inputs, config, num_classes), name="head")
+
+
+def copy_head_weights(source: keras.Model, target: keras.Model) -> None:
+    for layer in source.layers:
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
+    """A small CNN from scratch: [conv-BN-ReLU x convs_per_block, max-pool] per filter count,
+    global average pooling, dropout, softmax."""
+    inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
+    x = layers.Rescaling(1.0 / 255, name="preprocessing")(inputs)
+    for i, filters in enumerate(config.filters):
+        for j in range(config.convs_per_block):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = layers.ReLU(name=f"block{i}_relu{j}")(x)
+        if i < len(config.filters) - 1:
+            x = layers.MaxPooling2D(name=f"block{i}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    x = layers.Dropout(config.dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)(x)
+    return keras.Model(inputs, outputs, name="baseline_cnn")
+
+
+def find_backbone(model: keras.Model) -> keras.Model:
+    layer = model.get_layer(BACKBONE_LAYER)
+    if not isinstance(layer, keras.Model):
+        raise ValueError(f"{model.name} has no nested backbone model")
+    return layer
+
+
+def split_backbone(backbone: keras.Model, count: int) -> tuple[keras.Model, keras.Model, int]:
+    """Split the backbone below its top ``count`` layers: (bottom, top, index of top's first layer).
+
+    The cut moves down to the nearest point that no skip connection crosses (a block
+    boundary), so ``top(bottom(x)) == backbone(x)`` and top shares the backbone's layers.
+    """
+    layer_list = backbone.layers
+    start = min(max(len(layer_list) - count, 1), len(layer_list) - 1)
+    for index in range(start, 0, -1):
+        tensor = layer_list[index].input
+        if isinstance(tensor, (list, tuple)):
+            continue
+        try:
+            top = keras.Model(tensor, backbone.output, name="backbone_top")
+        except ValueError:  # a skip connection from below the cut: not separable here
+            continue
+        return keras.Model(backbone.input, tensor, name="backbone_bottom"), top, index
+    raise ValueError(f"cannot split backbone {backbone.name} below its top {count} layers")
+
+
+def unfreeze_from(model: keras.Model, first: int) -> int:
+    """Backbone layers from index ``first`` on become trainable, BatchNormalization excepted
+    (frozen BN layers run in inference mode). Returns the number of trainable layers with
+    weights. Recompile the model afterwards."""
+    backbone = find_backbone(model)
+    backbone.trainable = True
+    trainable = 0
+    for index, layer in enumerate(backbone.layers):
+        layer.trainable = index >= first and not isinstance(layer, layers.BatchNormalization)
+        trainable += layer.trainable and bool(layer.weights)
+    return trainable
+
+
+def bottom_extractor(model: keras.Model, bottom: keras.Model) -> keras.Model:
+    """Raw image -> preprocessing -> frozen bottom of the backbone (shared layers)."""
+    inputs = keras.Input(model.input.shape[1:], name="image")
+    x = inputs
+    if "preprocessing" in [layer.name for layer in model.layers]:
+        x = model.get_layer("preprocessing")(x)
+    return keras.Model(inputs, bottom(x, training=False), name="bottom_extractor")
+
+
+def top_classifier(model: keras.Model, top: keras.Model) -> keras.Model:
+    """Cached bottom activations -> trainable backbone top -> pooling -> the model's head.
+
+    Shares every layer with ``model``: training this trains the full model."""
+    inputs = keras.Input(top.input.shape[1:], name="activations")
+    x = top(inputs, training=False)
+    names = [layer.name for layer in model.layers]
+    for layer in model.layers[names.index(POOL_LAYER):]:
+        x = layer(x)
+    return keras.Model(inputs, x, name="top_classifier")
+
+
+def count_params(model: keras.Model) -> dict[str, int]:
+    trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+    total = sum(math.prod(w.shape) for w in model.weights)
+    return {"params_total": total, "params_trainable": trainable}

@@ -1,0 +1,49 @@
+"""Writing a training stage's outputs: model, history plot data, metrics, MLflow."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .modelio import save_model
+from .params import Params
+from .project import Layout, write_json
+from .tracking import StageRun
+from .training import TrainResult
+
+
+def write_history(history: dict[str, list[float]], path: Path) -> None:
+    """One row per epoch (1-based), as DVC plots expect."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted(history)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", *keys])
+        for epoch in range(len(history.get("loss", []))):
+            writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
+
+
+def model_metadata(stage: str, params: Params, class_names: list[str], image_size: int) -> dict:
+    return {
+        "stage": stage,
+        "class_names": class_names,
+        "image_size": image_size,
+        "backbone": "baseline_cnn" if stage == "baseline" else params.model.backbone,
+        "input": "RGB uint8 or float in 0..255, shape (H, W, 3) at image_size",
+    }
+
+
+def save_training_outputs(layout: Layout, stage: str, result: TrainResult, params: Params,
+                          class_names: list[str], image_size: int, run: StageRun) -> dict:
+    model_path = layout.model(stage)
+    save_model(result.model, model_path, model_metadata(stage, params, class_names, image_size))
+    history_path = layout.plots(stage) / "history.csv"
+    write_history(result.history, history_path)
+    summary = result.summary()
+    summary["model_file_mb"] = round(model_path.stat().st_size / 2**20, 3)
+    write_json(layout.metrics(stage), summary)
+    run.log_history(result.history)
+    run.log_metrics({k: v for k, v in summary.items()})
+    run.log_artifacts(history_path)
+    run.log_model(model_path, stage)
+    print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return summary

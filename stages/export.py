@@ -1,0 +1,30 @@
+"""DVC stage `export`: the fine-tuned model as SavedModel + TFLite, with a parity check."""
+import numpy as np
+
+from imgclf import tracking
+from imgclf.datasets import load_subset
+from imgclf.export import export_all
+from imgclf.modelio import load_model
+from imgclf.params import load_params
+from imgclf.project import Layout, project_root, run_stage, write_json
+
+PARITY_IMAGES = 16
+
+
+def main() -> None:
+    layout = Layout(project_root())
+    params = load_params(layout.params_file)
+    with tracking.stage_run("export", params, layout.root) as run:
+        model, meta = load_model(layout.model("finetune"))
+        test = load_subset(layout.split, "test", meta["image_size"], meta["class_names"])
+        pick = np.linspace(0, len(test) - 1, min(PARITY_IMAGES, len(test))).astype(int)
+        report = export_all(model, meta["class_names"], meta["image_size"], layout.models / "export",
+                            params.export.quantization, test.images[pick].astype(np.float32))
+        write_json(layout.metrics("export"), report)
+        run.log_metrics({f"{fmt}_{k}": v for fmt, values in report.items() for k, v in values.items()})
+    for fmt, values in report.items():
+        print(f"export {fmt}: {values}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,135 @@
+"""Models and training phases on tiny generated images with random weights."""
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from imgclf import models, training
+from imgclf.datasets import ImageSet, load_subset
+from imgclf.modelio import load_model, read_metadata, save_model
+from imgclf.params import params_from_dict
+from conftest import COLORS, make_image, tiny_params
+
+
+def tiny_set(n_per_class=8, classes=3, size=32, seed=0) -> ImageSet:
+    images = np.stack([make_image(seed + c * 100 + i, COLORS[c], size)
+                       for c in range(classes) for i in range(n_per_class)])
+    labels = np.repeat(np.arange(classes, dtype=np.int32), n_per_class)
+    return ImageSet(images, labels, [f"{i}.jpg" for i in range(len(labels))], [f"c{c}" for c in range(classes)])
+
+
+def params_for(backbone="mobilenetv2", **sections):
+    sections.setdefault("model", {}).update(backbone=backbone)
+    return params_from_dict(tiny_params(**sections))
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetb0", "mobilenetv2", "resnet50"])
+def test_backbone_builds_trains_saves_and_reloads_in_safe_mode(backbone, tmp_path):
+    params = params_for(backbone)
+    training.configure(params)
+    train, val = tiny_set(), tiny_set(seed=50)
+    result = training.train_head(train, val, params, use_cache=False)
+    assert result.epochs_run == 1
+    path = tmp_path / f"{backbone}.keras"
+    save_model(result.model, path, {"class_names": train.class_names, "image_size": 32})
+    reloaded, metadata = load_model(path)
+    raw = val.images[:5].astype("float32")  # raw pixels 0..255
+    expected = result.model.predict(raw, verbose=0)
+    got = reloaded.predict(raw, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert got.shape == (5, 3) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
+    assert metadata["class_names"] == ["c0", "c1", "c2"]
+    # plain Keras, safe mode, after importing the package (which registers its layers)
+    keras.models.load_model(path, safe_mode=True)
+
+
+def test_head_training_leaves_the_frozen_backbone_unchanged():
+    params = params_for(head={"learning_rate": 1e-2})
+    train, val = tiny_set(), tiny_set(seed=50)
+    training.configure(params)  # same seed: the same initial weights as train_head's model
+    initial = models.build_transfer_model(params.model, 3)
+    training.configure(params)
+    result = training.train_head(train, val, params, use_cache=False)
+    for before, after in zip(models.find_backbone(initial).weights, models.find_backbone(result.model).weights):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+    head_before = initial.get_layer("predictions").kernel.numpy()
+    assert not np.array_equal(head_before, result.model.get_layer("predictions").kernel.numpy())
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached):
+    params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "cache_activations": cached})
+    training.configure(params)
+    train, val = tiny_set(), tiny_set(seed=50)
+    model = training.train_head(train, val, params).model
+    backbone = models.find_backbone(model)
+    bn = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    stats_before = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bn]
+    top_conv = [l for l in backbone.layers[-20:] if isinstance(l, keras.layers.Conv2D)][-1]
+    kernel_before = top_conv.kernel.numpy().copy()
+    low_conv = [l for l in backbone.layers[:-20] if isinstance(l, keras.layers.Conv2D)][0]
+    low_before = low_conv.kernel.numpy().copy()
+
+    result = training.train_finetune(model, train, val, params)
+
+    for layer, (mean, var) in zip(bn, stats_before):
+        np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
+        np.testing.assert_array_equal(layer.moving_variance.numpy(), var)
+        assert not layer.trainable
+    assert not np.array_equal(top_conv.kernel.numpy(), kernel_before), "unfrozen layer did not train"
+    np.testing.assert_array_equal(low_conv.kernel.numpy(), low_before)
+    assert result.extra["unfrozen_layers_with_weights"] > 0
+    assert result.extra["cached_activations"] == int(cached)
+
+
+def test_backbone_split_is_exact_and_shares_layers():
+    params = params_for()
+    model = models.build_transfer_model(params.model, 3)
+    backbone = models.find_backbone(model)
+    bottom, top, first = models.split_backbone(backbone, 30)
+    assert first <= len(backbone.layers) - 30
+    x = tiny_set().images[:4].astype("float32")
+    extractor = models.bottom_extractor(model, bottom)
+    classifier = models.top_classifier(model, top)
+    np.testing.assert_allclose(classifier(extractor(x)), model(x), rtol=1e-5, atol=1e-6)
+    assert top.layers[1] is backbone.layers[first]
+
+
+def test_cached_feature_head_matches_the_uncached_path():
+    params = params_for(model={"dropout": 0.0}, head={"epochs": 3, "patience": 0, "learning_rate": 1e-2})
+    train, val = tiny_set(n_per_class=10), tiny_set(seed=50)
+    training.configure(params)
+    cached = training.train_head(train, val, params, use_cache=True)
+    training.configure(params)
+    uncached = training.train_head(train, val, params, use_cache=False)
+    assert cached.extra["cached_features"] == 1 and uncached.extra["cached_features"] == 0
+    np.testing.assert_allclose(cached.history["loss"], uncached.history["loss"], rtol=2e-3)
+    np.testing.assert_allclose(cached.history["val_loss"], uncached.history["val_loss"], rtol=2e-3)
+    # same kind of model: the full image model, predicting the same
+    assert [l.name for l in cached.model.layers] == [l.name for l in uncached.model.layers]
+    np.testing.assert_allclose(cached.model.predict(val.images[:4].astype("float32"), verbose=0),
+                               uncached.model.predict(val.images[:4].astype("float32"), verbose=0),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_baseline_learns_colour_classes():
+    params = params_for(baseline={"epochs": 8, "patience": 0, "learning_rate": 3e-3},
+                        augment={"rotation": 0.0, "zoom": 0.0, "contrast": 0.0})
+    training.configure(params)
+    train, val = tiny_set(n_per_class=16), tiny_set(seed=70)
+    result = training.train_baseline(train, val, params)
+    assert result.epochs_run == 8
+    assert result.history["accuracy"][-1] > result.history["accuracy"][0]
+    assert max(result.history["val_accuracy"]) >= 0.6
+    assert "learning_rate" in result.history
+    summary = result.summary()
+    assert summary["params_trainable"] > 0 and 1 <= summary["best_epoch"] <= 8
+
+
+def test_split_images_load_with_class_names(tmp_path):
+    from conftest import make_folder
+
+    make_folder(tmp_path / "split" / "train", classes=2, per_class=3)
+    subset = load_subset(tmp_path / "split", "train", 16, ["class_0", "class_1"])
+    assert subset.images.shape == (6, 16, 16, 3) and list(subset.labels) == [0, 0, 0, 1, 1, 1]
