@@ -187,6 +187,7 @@ class EvaluateParams:
     f1_threshold: float = 0.8
     gallery_size: int = 16
     calibration_bins: int = 10
+    tta: bool = False
 
     def validate(self, key: str) -> None:
         _fraction(self.f1_threshold, f"{key}.f1_threshold", upper_inclusive=True)

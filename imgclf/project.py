@@ -1,4 +1,4 @@
-"""Where the project's files live. Stages run from the project root (DVC sets DVC_ROOT)."""
+"""Where the project's files live. DVC runs every stage from the project root."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ from typing import Any
 
 
 def project_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    """The working directory. Not DVC_ROOT: queued experiments inherit the main workspace's
+    DVC_ROOT while they run in a temporary copy."""
+    return Path.cwd().resolve()
 
 
 @dataclass(frozen=True)

@@ -201,3 +201,13 @@ def train_finetune(model: keras.Model, train: ImageSet, val: ImageSet, params: P
                                fp.reduce_lr_patience, steps_per_epoch=steps)
     extra["activation_seconds"] = round(extract_seconds, 2)
     return TrainResult(model, history, extract_seconds + fit_seconds, extra)
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+    """Class probabilities for uint8/float images 0..255; with ``tta`` averaged with the
+    horizontally flipped images (test-time augmentation)."""
+    x = images.astype(np.float32)
+    probs = model.predict(x, batch_size=batch_size, verbose=0)
+    if tta:
+        probs = (probs + model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+    return probs

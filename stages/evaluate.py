@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from imgclf import evaluation as ev
-from imgclf import figures, tracking
+from imgclf import figures, tracking, training
 from imgclf.datasets import load_subset
 from imgclf.modelio import load_model
 from imgclf.params import MODEL_NAMES, load_params
@@ -30,7 +30,7 @@ def evaluate_model(name, layout, params, test_cache, run) -> tuple[dict, dict]:
     test = test_cache[size]
     images = test.images.astype(np.float32)
     batch = params.train.batch_size
-    probs = model.predict(images, batch_size=batch, verbose=0)
+    probs = training.predict(model, test.images, batch, params.evaluate.tta)
     pred = ev.Predictions(probs, test.labels, names)
     metrics = ev.summary_metrics(pred, params.evaluate.calibration_bins)
     metrics["throughput_images_per_s"] = round(ev.throughput(

@@ -1,0 +1,167 @@
+"""Benchmark: the usual notebook transfer-learning recipe vs this pipeline's training.
+
+Both run in one process on the same tf_flowers images (TFDS `train`, sliced 70/15/15 in
+order, as `train[:70%]`, `train[70%:85%]`, `train[85%:]`), on the same machine, with
+MobileNetV2 ImageNet weights. Prints wall time per phase, test accuracy and macro F1 for
+both, as a table and as JSON (also written to bench/results/benchmark.json).
+
+    export TFDS_DATA_DIR=/path/to/tensorflow_datasets      # with tf_flowers prepared
+    python bench/benchmark.py                              # both recipes
+    python bench/benchmark.py --only pipeline              # just ours
+
+The pipeline side uses params.yaml with model.backbone=mobilenetv2 and model.weights=imagenet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imgclf import training  # noqa: E402
+from imgclf.datasets import ImageSet  # noqa: E402
+from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
+from imgclf.images import decode_rgb  # noqa: E402
+from imgclf.params import load_params  # noqa: E402
+
+SIZE = 224
+
+
+def tfds_slices(name: str = "tf_flowers"):
+    """Encoded images and labels of the 70/15/15 slices, in TFDS order."""
+    import tensorflow_datasets as tfds
+
+    ds, info = tfds.load(name, split="train", with_info=True, decoders={"image": tfds.decode.SkipDecoding()})
+    records = [(bytes(r["image"]), int(r["label"])) for r in tfds.as_numpy(ds)]
+    n = len(records)
+    cuts = [0, int(round(n * 0.70)), int(round(n * 0.85)), n]
+    parts = [records[cuts[i]:cuts[i + 1]] for i in range(3)]
+    return parts, info.features["label"].names
+
+
+def reference_recipe(parts, num_classes: int, seed: int) -> dict:
+    """The notebook recipe: tf.data decode per epoch, augmentation inside the model,
+    frozen MobileNetV2 5 epochs at 1e-3, then the last 30 layers at 1e-5 for 4 epochs."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+
+    def to_ds(records, shuffle):
+        data = [r[0] for r in records]
+        labels = [r[1] for r in records]
+        ds = tf.data.Dataset.from_tensor_slices((data, labels))
+        if shuffle:
+            ds = ds.shuffle(len(records), seed=seed)
+
+        def decode(x, y):
+            image = tf.image.decode_jpeg(x, channels=3)
+            return tf.image.resize(image, (SIZE, SIZE)), y
+
+        return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(32).prefetch(tf.data.AUTOTUNE)
+
+    train, val, test = to_ds(parts[0], True), to_ds(parts[1], False), to_ds(parts[2], False)
+    base = keras.applications.MobileNetV2(include_top=False, weights="imagenet", input_shape=(SIZE, SIZE, 3))
+    base.trainable = False
+    augment = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.15),
+                                keras.layers.RandomZoom(0.15)])
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = augment(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.3)(x)
+    model = keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)
+
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    started = time.perf_counter()
+    model.fit(train, validation_data=val, epochs=5, callbacks=[stop], verbose=2)
+    head_seconds = time.perf_counter() - started
+
+    base.trainable = True
+    for layer in base.layers[:-30]:
+        layer.trainable = False
+    model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", ["accuracy"])
+    started = time.perf_counter()
+    model.fit(train, validation_data=val, epochs=4, callbacks=[stop], verbose=2)
+    finetune_seconds = time.perf_counter() - started
+
+    labels = np.array([r[1] for r in parts[2]])
+    probs = model.predict(test, verbose=0)
+    metrics = summary_metrics(Predictions(probs, labels, [str(i) for i in range(num_classes)]))
+    return {"head_seconds": head_seconds, "finetune_seconds": finetune_seconds,
+            "total_seconds": head_seconds + finetune_seconds,
+            "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"]}
+
+
+def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
+    """This pipeline's head and finetune phases with the committed params (mobilenetv2)."""
+    import dataclasses
+
+    params = load_params(params_path)
+    params = dataclasses.replace(params, model=dataclasses.replace(
+        params.model, backbone="mobilenetv2", weights="imagenet", image_size=SIZE))
+    training.configure(params)
+
+    started = time.perf_counter()
+    sets = []
+    for records in parts:
+        images = np.stack([decode_rgb(data, SIZE) for data, _ in records])
+        labels = np.array([label for _, label in records], dtype=np.int32)
+        sets.append(ImageSet(images, labels, [""] * len(labels), names))
+    decode_seconds = time.perf_counter() - started
+
+    head = training.train_head(sets[0], sets[1], params)
+    finetune = training.train_finetune(head.model, sets[0], sets[1], params)
+    probs = training.predict(finetune.model, sets[2].images, params.train.batch_size, params.evaluate.tta)
+    metrics = summary_metrics(Predictions(probs, sets[2].labels, names))
+    return {"decode_seconds": decode_seconds, "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
+            "total_seconds": decode_seconds + head.seconds + finetune.seconds,
+            "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
+            "head_epochs": head.epochs_run, "finetune_epochs": finetune.epochs_run}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["reference", "pipeline"], help="run one side only")
+    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "benchmark.json"))
+    args = parser.parse_args()
+
+    import os
+    import platform
+
+    parts, names = tfds_slices()
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+               "date": time.strftime("%Y-%m-%d"),
+               "images": {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])}}
+    if args.only != "pipeline":
+        results["reference"] = reference_recipe(parts, len(names), seed=42)
+    if args.only != "reference":
+        results["pipeline"] = pipeline_recipe(parts, names, Path(args.params))
+    if "reference" in results and "pipeline" in results:
+        results["speedup_head_plus_finetune"] = round(
+            results["reference"]["total_seconds"] / results["pipeline"]["total_seconds"], 2)
+
+    print("\n| recipe | decode s | head s | finetune s | total s | test accuracy | macro F1 |")
+    print("|---|---|---|---|---|---|---|")
+    for side in ("reference", "pipeline"):
+        if side in results:
+            r = results[side]
+            print(f"| {side} | {r.get('decode_seconds', 0):.1f} | {r['head_seconds']:.1f} | "
+                  f"{r['finetune_seconds']:.1f} | {r['total_seconds']:.1f} | {r['test_accuracy']:.4f} | "
+                  f"{r['test_macro_f1']:.4f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Try several head/finetune recipes on one split in one process (data decoded once).
+
+    python bench/sweep.py --split data/split \
+        "finetune.learning_rate=1e-4" "finetune.learning_rate=1e-4,finetune.cached_views=1"
+
+Each argument is a comma-separated list of params overrides (like `dvc exp run -S`), applied
+to params.yaml with model.backbone=mobilenetv2. Prints validation and test accuracy, macro F1
+and seconds per phase for each; a quick way to choose what to confirm with `dvc exp run`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imgclf import training  # noqa: E402
+from imgclf.datasets import class_names, load_subset  # noqa: E402
+from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
+from imgclf.params import params_from_dict  # noqa: E402
+
+
+def apply(raw: dict, overrides: str) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for item in filter(None, overrides.split(",")):
+        key, value = item.split("=", 1)
+        *path, last = key.strip().split(".")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    return raw
+
+
+def score(model, subset, params) -> dict:
+    probs = training.predict(model, subset.images, params.train.batch_size, params.evaluate.tta)
+    m = summary_metrics(Predictions(probs, subset.labels, subset.class_names))
+    return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--split", default=str(ROOT / "data" / "split"))
+    parser.add_argument("configs", nargs="+")
+    args = parser.parse_args()
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base["model"].update(backbone="mobilenetv2", weights="imagenet")
+    split = Path(args.split)
+    names = class_names(split)
+    data, heads = {}, {}
+    for overrides in args.configs:
+        params = params_from_dict(apply(base, overrides))
+        size = params.model.image_size
+        if size not in data:
+            started = time.perf_counter()
+            data[size] = [load_subset(split, s, size, names) for s in ("train", "val", "test")]
+            print(f"decoded {size}px in {time.perf_counter() - started:.1f}s", flush=True)
+        train, val, test = data[size]
+        head_key = json.dumps([params.model.__dict__, params.head.__dict__, params.train.__dict__], default=str)
+        training.configure(params)
+        if head_key not in heads:
+            result = training.train_head(train, val, params)
+            heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),
+                               score(result.model, test, params))
+        weights, head_seconds, head_val, head_test = heads[head_key]
+        model = training.models.build_transfer_model(params.model, len(names))
+        model.set_weights(weights)
+        result = training.train_finetune(model, train, val, params)
+        row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
+               "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
+               "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),
+               "test": score(result.model, test, params)}
+        print("RESULT " + json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The whole pipeline, tiny, in a throw-away git + DVC repo: repro, metrics, plots, predict,
+experiments tracked in MLflow, and the push / clone / pull round trip. The tests share one
+project and run in file order."""
+import json
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import COLORS, dvc, make_folder, make_image, make_project, run, tiny_params
+
+MODELS = ("baseline", "head", "finetune")
+KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_ovr", "ece", "test_loss",
+        "throughput_images_per_s", "params_total", "model_file_mb"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    base = tmp_path_factory.mktemp("full")
+    photos = make_folder(base / "photos", classes=3, per_class=14)
+    (photos / "class_1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    root = make_project(base / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
+    dvc(root, "repro")
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "tiny run"], root)
+    return root
+
+
+def mlflow_runs(root):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("image-classification")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def test_repro_writes_every_metric_model_and_plot(project):
+    metrics = json.loads((project / "metrics/evaluate.json").read_text())
+    assert set(metrics) == set(MODELS)
+    for name in MODELS:
+        assert KEYS <= set(metrics[name]), KEYS - set(metrics[name])
+        assert 0 <= metrics[name]["accuracy"] <= 1
+    for name in MODELS:
+        assert (project / "models" / f"{name}.keras").exists()
+        header = (project / f"plots/{name}/history.csv").read_text().splitlines()[0]
+        assert {"epoch", "loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(header.split(","))
+    assert (project / "plots/gradcam/finetune.png").stat().st_size > 10_000
+    assert "Best model on the test split" in (project / "reports/evaluate/comparison.md").read_text()
+    assert (project / "models/export/saved_model/saved_model.pb").exists()
+    assert json.loads((project / "metrics/export.json").read_text())["tflite_float32"]["top1_agreement"] >= 0.9
+
+
+def test_dvc_metrics_and_plots_show(project, tmp_path):
+    shown = dvc(project, "metrics", "show", "--json").stdout
+    workspace = next(iter(json.loads(shown).values()))  # keyed "" or "workspace" by DVC version
+    assert "accuracy" in workspace["data"]["metrics/evaluate.json"]["data"]["finetune"]
+    out = tmp_path / "plots"
+    dvc(project, "plots", "show", "--json", "-o", str(out))
+    rendered = dvc(project, "plots", "show", "--json").stdout
+    for name in ("Confusion matrix, finetune", "plots/gradcam/finetune.png", "Accuracy per epoch"):
+        assert name in rendered, name
+
+
+def test_second_repro_does_nothing(project):
+    again = dvc(project, "repro")
+    assert "Running stage" not in again.stdout
+    assert "up to date" in dvc(project, "status").stdout
+
+
+def test_predict_command_on_a_folder(project, tmp_path):
+    for i in range(3):
+        Image.fromarray(make_image(900 + i, COLORS[i], 40)).save(tmp_path / f"new_{i}.png")
+    (tmp_path / "readme.txt").write_text("skip me")
+    result = run([sys.executable, "-m", "imgclf.predict", str(tmp_path), "--json"], project, check=False)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 3 and result.returncode == 1
+    assert {r["label"] for line in lines for r in line["top_k"]} <= {"class_0", "class_1", "class_2"}
+    assert "readme.txt" in result.stderr
+
+
+def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
+    runs = mlflow_runs(project)
+    parents = [r for r in runs if r.data.tags.get("imgclf.run_kind") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert {r.data.tags["stage"] for r in children} == {
+        "download", "split", "baseline", "head", "finetune", "evaluate", "gradcam", "export"}
+    head = next(r for r in children if r.data.tags["stage"] == "head")
+    assert head.data.params["model.backbone"] == "mobilenetv2"
+    assert head.data.tags["git_commit"] != "unknown"
+    assert "finetune_accuracy" in parents[0].data.metrics
+
+
+def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
+    dvc(project, "exp", "run", "-n", "exp-epochs", "-S", "finetune.epochs=2")
+    dvc(project, "exp", "run", "-n", "exp-effnet", "-S", "model.backbone=efficientnetb0")
+    table = json.loads(dvc(project, "exp", "show", "--json").stdout)
+    names = {e.get("name") for rev in table for e in rev.get("experiments") or [] for e in e.get("revs", [])}
+    assert {"exp-epochs", "exp-effnet"} <= names, names
+    diff = dvc(project, "metrics", "diff", "exp-epochs", "exp-effnet", "--json").stdout
+    assert "finetune.accuracy" in diff or "finetune" in diff
+    assert "model.backbone" in dvc(project, "params", "diff", "exp-epochs", "exp-effnet").stdout
+
+    runs = mlflow_runs(project)
+    by_exp = {}
+    for r in runs:
+        by_exp.setdefault(r.data.tags.get("dvc_exp_name"), []).append(r)
+    for name, backbone in (("exp-epochs", "mobilenetv2"), ("exp-effnet", "efficientnetb0")):
+        parent = [r for r in by_exp[name] if r.data.tags.get("imgclf.run_kind") == "pipeline"]
+        assert len(parent) == 1, name
+        children = [r for r in by_exp[name] if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+        assert "finetune" in {c.data.tags["stage"] for c in children}
+        assert parent[0].data.params["model.backbone"] == backbone
+        assert "finetune_accuracy" in parent[0].data.metrics
+    # only the stages that depend on the changed param ran for the epochs experiment
+    stages = {c.data.tags["stage"] for c in by_exp["exp-epochs"] if c.data.tags.get("stage")}
+    assert "head" not in stages and "baseline" not in stages and "finetune" in stages
+
+
+def test_push_clone_pull_round_trip(project, tmp_path):
+    run(["git", "checkout", "-q", "--", "."], project)
+    dvc(project, "checkout", "-f")
+    dvc(project, "remote", "add", "-d", "-f", "local", str(tmp_path / "remote"))
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "remote", "--allow-empty"], project)
+    dvc(project, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    dvc(clone, "pull")
+    assert "up to date" in dvc(clone, "status").stdout
+    assert "Running stage" not in dvc(clone, "repro").stdout
+    assert (clone / "models/finetune.keras").exists()

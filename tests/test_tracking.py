@@ -1,0 +1,100 @@
+"""MLflow tracking: store location, fail-fast on a dead server, a real server, tracking off."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imgclf.tracking import TrackingError, check_reachable, main_project_root, tracking_uri
+from conftest import dvc, make_folder, make_project, run, tiny_params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_queued_experiment_copies_map_to_the_main_project(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp_copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    assert main_project_root(temp_copy) == (tmp_path / "proj").resolve()
+    assert tracking_uri(temp_copy) == f"sqlite:///{(tmp_path / 'proj' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    assert tracking_uri(temp_copy) == "http://example.invalid:5000"
+
+
+def test_unreachable_server_is_reported_at_once_with_its_uri():
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    with pytest.raises(TrackingError, match=f"{uri} is unreachable"):
+        check_reachable(uri)
+    assert time.perf_counter() - started < 10
+
+
+@pytest.fixture
+def small_project(tmp_path):
+    photos = make_folder(tmp_path / "photos", classes=2, per_class=6)
+    return make_project(tmp_path / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
+
+
+def test_stage_fails_before_work_when_the_server_is_down(small_project):
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = run([sys.executable, "-m", "stages.download"], small_project, check=False,
+                 env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 1
+    assert uri in result.stderr and "mlflow.enabled: false" in result.stderr
+    assert not (small_project / "data" / "raw").exists()
+
+
+def test_tracking_can_be_turned_off(small_project):
+    import yaml
+
+    params = yaml.safe_load((small_project / "params.yaml").read_text())
+    params["mlflow"]["enabled"] = False
+    (small_project / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc(small_project, "repro", "split")
+    assert (small_project / "data" / "split").is_dir()
+    assert not (small_project / "mlflow.db").exists()
+
+
+def test_stages_log_to_a_real_tracking_server(small_project, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                check_reachable(uri, timeout=2)
+                break
+            except TrackingError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        dvc(small_project, "repro", "split", env={"MLFLOW_TRACKING_URI": uri})
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("image-classification")
+        runs = client.search_runs([experiment.experiment_id])
+        stages = {r.data.tags.get("stage") for r in runs}
+        assert {"download", "split"} <= stages
+        split = next(r for r in runs if r.data.tags.get("stage") == "split")
+        assert split.data.metrics["train_images"] > 0
+        assert split.data.params["model.backbone"] == "mobilenetv2"
+        artifacts = [a.path for a in client.list_artifacts(
+            next(r for r in runs if r.data.tags.get("stage") == "download").info.run_id)]
+        assert "report.json" in artifacts
+        assert not (small_project / "mlflow.db").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
