@@ -50,6 +50,13 @@ def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> Im
     return ImageSet(load_images(paths, size), np.asarray(labels, dtype=np.int32), paths, names)
 
 
+def load_train_val(split_dir: Path, size: int, names: list[str] | None = None
+                   ) -> tuple[ImageSet, ImageSet]:
+    """Training and validation images at ``size`` (class names from the train folders by default)."""
+    names = names or class_names(split_dir)
+    return load_subset(split_dir, "train", size, names), load_subset(split_dir, "val", size, names)
+
+
 def augmentation(config: AugmentParams, seed: int):
     """Random flip/rotation/zoom/contrast as Keras layers (None when all are off)."""
     import keras

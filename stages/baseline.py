@@ -1,6 +1,6 @@
 """DVC stage `baseline`: a CNN trained from scratch -> models/baseline.keras."""
 from imgclf import tracking, training
-from imgclf.datasets import class_names, load_subset
+from imgclf.datasets import load_train_val
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
@@ -10,13 +10,10 @@ def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     training.configure(params)
-    size = params.baseline.image_size
     with tracking.stage_run("baseline", params, layout.root) as run:
-        names = class_names(layout.split)
-        train = load_subset(layout.split, "train", size, names)
-        val = load_subset(layout.split, "val", size, names)
+        train, val = load_train_val(layout.split, params.baseline.image_size)
         result = training.train_baseline(train, val, params)
-        save_training_outputs(layout, "baseline", result, params, names, size, run)
+        save_training_outputs(layout, "baseline", result, params, train.class_names, params.baseline.image_size, run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DVC stage `finetune`: unfreeze the top of the backbone -> models/finetune.keras."""
 from imgclf import tracking, training
-from imgclf.datasets import load_subset
+from imgclf.datasets import load_train_val
 from imgclf.modelio import load_model
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
@@ -15,8 +15,7 @@ def main() -> None:
         with training.strategy().scope():
             model, metadata = load_model(layout.model("head"))
         names, size = metadata["class_names"], metadata["image_size"]
-        train = load_subset(layout.split, "train", size, names)
-        val = load_subset(layout.split, "val", size, names)
+        train, val = load_train_val(layout.split, size, names)
         result = training.train_finetune(model, train, val, params)
         save_training_outputs(layout, "finetune", result, params, names, size, run)
 
