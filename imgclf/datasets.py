@@ -89,3 +89,15 @@ def to_dataset(inputs: np.ndarray, labels: np.ndarray, num_classes: int, batch_s
     else:
         ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def image_batches(images: np.ndarray, batch_size: int, augment=None):
+    """Images only, batched and cast to float32 per batch (no full float copy in memory)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x: augment(tf.cast(x, tf.float32), training=True), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -95,12 +95,14 @@ def copy_head_weights(source: keras.Model, target: keras.Model) -> None:
 
 def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
     """A small CNN from scratch: [conv-BN-ReLU x convs_per_block, max-pool] per filter count,
-    global average pooling, dropout, softmax."""
+    global average pooling, dropout, softmax. With ``separable`` every block after the first
+    uses depthwise-separable convolutions (several times fewer multiply-adds)."""
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255, name="preprocessing")(inputs)
     for i, filters in enumerate(config.filters):
+        conv = layers.SeparableConv2D if config.separable and i > 0 else layers.Conv2D
         for j in range(config.convs_per_block):
-            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            x = conv(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
             x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
         if i < len(config.filters) - 1:

@@ -136,6 +136,7 @@ class BaselineParams:
     patience: int = 5
     filters: tuple[int, ...] = (32, 64, 128, 256)
     convs_per_block: int = 1
+    separable: bool = False
     dropout: float = 0.3
 
     def validate(self, key: str) -> None:

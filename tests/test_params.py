@@ -35,6 +35,9 @@ def with_value(section, key, value) -> dict:
     ("train", "batch_size", "big", "train.batch_size: must be an integer"),
     ("head", "cache_features", "yes", "head.cache_features: must be true or false"),
     ("export", "quantization", "int4", "export.quantization"),
+    ("finetune", "cached_views", 0, "finetune.cached_views: must be >= 1"),
+    ("baseline", "filters", [], "baseline.filters: must be a non-empty list"),
+    ("split", "val", 1.5, "split.val: must be a fraction in (0, 1)"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, expected):
     with pytest.raises(ParamsError) as info:

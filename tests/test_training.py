@@ -133,3 +133,18 @@ def test_split_images_load_with_class_names(tmp_path):
     make_folder(tmp_path / "split" / "train", classes=2, per_class=3)
     subset = load_subset(tmp_path / "split", "train", 16, ["class_0", "class_1"])
     assert subset.images.shape == (6, 16, 16, 3) and list(subset.labels) == [0, 0, 0, 1, 1, 1]
+
+
+def test_separable_baseline_saves_reloads_and_explains(tmp_path):
+    from imgclf.gradcam import gradcam
+
+    params = params_for(baseline={"separable": True, "convs_per_block": 2, "filters": [8, 16, 32]})
+    model = models.build_baseline(params.baseline, 3)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("SeparableConv2D") == 4 and kinds.count("Conv2D") == 2
+    save_model(model, tmp_path / "b.keras", {"class_names": ["a", "b", "c"], "image_size": 32})
+    reloaded, _ = load_model(tmp_path / "b.keras")
+    x = tiny_set().images[:3].astype("float32")
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    heat, _ = gradcam(reloaded, x)
+    assert heat.shape == (3, 32, 32)
