@@ -103,7 +103,9 @@ def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
         conv = layers.SeparableConv2D if config.separable and i > 0 else layers.Conv2D
         for j in range(config.convs_per_block):
             x = conv(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
-            x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            # momentum 0.9: with ~100 steps per epoch the default 0.99 leaves the moving
+            # statistics (used for validation) lagging for several epochs
+            x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
         if i < len(config.filters) - 1:
             x = layers.MaxPooling2D(name=f"block{i}_pool")(x)

@@ -105,7 +105,7 @@ class ModelParams:
 class TrainParams:
     batch_size: int = 32
     mixed_precision: bool = False
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
 
     def validate(self, key: str) -> None:
         _positive(self.batch_size, f"{key}.batch_size")
@@ -130,9 +130,9 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class BaselineParams:
-    image_size: int = 96
-    epochs: int = 25
-    learning_rate: float = 1e-3
+    image_size: int = 64
+    epochs: int = 20
+    learning_rate: float = 2e-3
     patience: int = 5
     filters: tuple[int, ...] = (32, 64, 128, 256)
     convs_per_block: int = 1
@@ -166,13 +166,13 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = 10
-    learning_rate: float = 1e-5
-    unfreeze_layers: int = 30
+    epochs: int = 8
+    learning_rate: float = 3e-4
+    unfreeze_layers: int = 40
     patience: int = 3
     reduce_lr_patience: int = 2
     cache_activations: bool = True
-    cached_views: int = 2
+    cached_views: int = 1
 
     def validate(self, key: str) -> None:
         _check(self.cached_views >= 1, f"{key}.cached_views", f"must be >= 1, got {self.cached_views}")

@@ -16,7 +16,7 @@ def test_committed_params_load_with_documented_defaults():
     assert (params.split.train, params.split.val, params.split.test) == (0.70, 0.15, 0.15)
     assert params.model.backbone == "efficientnetb0" and params.model.image_size == 224
     assert params.head.learning_rate == pytest.approx(1e-3)
-    assert params.finetune.learning_rate == pytest.approx(1e-5)
+    assert params.finetune.learning_rate == pytest.approx(3e-4)
 
 
 def with_value(section, key, value) -> dict:
