@@ -80,7 +80,7 @@ def reference_recipe(parts, num_classes: int, seed: int) -> dict:
     model = keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)
 
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(train, validation_data=val, epochs=5, callbacks=[stop], verbose=2)
     head_seconds = time.perf_counter() - started
@@ -88,7 +88,7 @@ def reference_recipe(parts, num_classes: int, seed: int) -> dict:
     base.trainable = True
     for layer in base.layers[:-30]:
         layer.trainable = False
-    model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", ["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     started = time.perf_counter()
     model.fit(train, validation_data=val, epochs=4, callbacks=[stop], verbose=2)
     finetune_seconds = time.perf_counter() - started
