@@ -40,15 +40,25 @@ def load_batch(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], li
     for path in paths:
         try:
             data = path.read_bytes()
-            inspect_bytes(data)
-            arrays.append(decode_rgb(data, size))
-            good.append(path)
-        except BadImageError as err:
-            bad.append((str(path), str(err)))
         except OSError as err:
             bad.append((str(path), f"unreadable: {err}"))
+            continue
+        try:
+            arrays.append(decode_rgb(data, size))
+            good.append(path)
+        except Exception as err:  # noqa: BLE001 - any decode failure: ask the validator why
+            bad.append((str(path), _reason(data, err)))
     images = np.stack(arrays).astype(np.float32) if arrays else np.empty((0, size, size, 3), np.float32)
     return images, good, bad
+
+
+def _reason(data: bytes, err: Exception) -> str:
+    """The validator's reason for a file that failed to decode (same wording as training)."""
+    try:
+        inspect_bytes(data)
+    except BadImageError as bad:
+        return str(bad)
+    return f"cannot decode: {err}"
 
 
 def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict]:

@@ -218,10 +218,11 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
     else:
         experiment_id = experiment.experiment_id
     key, display = pipeline_key(root)
+    commit = git_commit(root)
     tags = {
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "git_commit": git_commit(root),
-        "mlflow.source.git.commit": git_commit(root),
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
         "backbone": params.model.backbone,
     }
     parent_id = _find_or_create_parent(client, experiment_id, key, display, tags)

@@ -36,7 +36,7 @@ def test_ingest_keeps_valid_unique_images_and_reports_the_rest(tmp_path):
 def test_max_per_class_caps_deterministically(tmp_path):
     src = make_folder(tmp_path / "src", classes=2, per_class=10)
     a = ingest(iter_folder(src), tmp_path / "a", max_per_class=4, seed=1)
-    b = ingest(iter_folder(src), tmp_path / "b", max_per_class=4, seed=1)
+    ingest(iter_folder(src), tmp_path / "b", max_per_class=4, seed=1)
     assert a.counts == {"class_0": 4, "class_1": 4} and a.capped == 12
     names = lambda root: sorted(p.name for p in root.rglob("*.jpg"))  # noqa: E731
     assert names(tmp_path / "a") == names(tmp_path / "b")

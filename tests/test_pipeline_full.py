@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-import yaml
 from PIL import Image
 
 from conftest import COLORS, dvc, make_folder, make_image, make_project, run, tiny_params

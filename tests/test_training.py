@@ -1,5 +1,4 @@
 """Models and training phases on tiny generated images with random weights."""
-import dataclasses
 
 import keras
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 
 from imgclf import models, training
 from imgclf.datasets import ImageSet, load_subset
-from imgclf.modelio import load_model, read_metadata, save_model
+from imgclf.modelio import load_model, save_model
 from imgclf.params import params_from_dict
 from conftest import COLORS, make_image, tiny_params
 
