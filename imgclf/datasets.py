@@ -58,10 +58,14 @@ def load_train_val(split_dir: Path, size: int, names: list[str] | None = None
 
 
 def augmentation(config: AugmentParams, seed: int):
-    """Random flip/rotation/zoom/contrast as Keras layers (None when all are off)."""
+    """Random crop/flip/rotation/zoom/contrast as Keras layers (None when all are off)."""
     import keras
 
+    from .augment import RandomSquareCrop
+
     steps = []
+    if config.crop:
+        steps.append(RandomSquareCrop(config.crop, seed=seed + 4))
     if config.flip:
         steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
     if config.rotation:

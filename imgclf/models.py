@@ -95,14 +95,16 @@ def copy_head_weights(source: keras.Model, target: keras.Model) -> None:
 
 def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
     """A small CNN from scratch: [conv-BN-ReLU x convs_per_block, max-pool] per filter count,
-    global average pooling, dropout, softmax. With ``separable`` every block after the first
-    uses depthwise-separable convolutions (several times fewer multiply-adds)."""
+    global average pooling, dropout, softmax. The first convolution has stride ``stem_stride``
+    (2: a larger input for the cost of a smaller one). With ``separable`` every block after
+    the first uses depthwise-separable convolutions (several times fewer multiply-adds)."""
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255, name="preprocessing")(inputs)
     for i, filters in enumerate(config.filters):
         conv = layers.SeparableConv2D if config.separable and i > 0 else layers.Conv2D
         for j in range(config.convs_per_block):
-            x = conv(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            stride = config.stem_stride if i == j == 0 else 1
+            x = conv(filters, 3, strides=stride, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
             # momentum 0.9: with ~100 steps per epoch the default 0.99 leaves the moving
             # statistics (used for validation) lagging for several epochs
             x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn{j}")(x)

@@ -17,6 +17,7 @@ BACKBONES = ("efficientnetb0", "mobilenetv2", "resnet50")
 SOURCES = ("tfds", "folder", "url")
 WEIGHTS = ("imagenet", "none")
 QUANTIZATIONS = ("none", "float16", "int8")
+LR_SCHEDULES = ("cosine", "constant")
 MODEL_NAMES = ("baseline", "head", "finetune")
 
 
@@ -115,26 +116,29 @@ class TrainParams:
 @dataclass(frozen=True)
 class AugmentParams:
     flip: bool = True
-    rotation: float = 0.1
-    zoom: float = 0.1
-    contrast: float = 0.1
+    crop: float = 0.12
+    rotation: float = 0.0
+    zoom: float = 0.0
+    contrast: float = 0.0
 
     def validate(self, key: str) -> None:
-        for name in ("rotation", "zoom", "contrast"):
+        for name in ("crop", "rotation", "zoom", "contrast"):
             _fraction(getattr(self, name), f"{key}.{name}")
 
     @property
     def enabled(self) -> bool:
-        return self.flip or self.rotation > 0 or self.zoom > 0 or self.contrast > 0
+        return self.flip or any(v > 0 for v in (self.crop, self.rotation, self.zoom, self.contrast))
 
 
 @dataclass(frozen=True)
 class BaselineParams:
-    image_size: int = 64
-    epochs: int = 20
+    image_size: int = 96
+    epochs: int = 16
     learning_rate: float = 2e-3
-    patience: int = 5
+    lr_schedule: str = "cosine"
+    patience: int = 8
     filters: tuple[int, ...] = (32, 64, 128, 256)
+    stem_stride: int = 2
     convs_per_block: int = 1
     separable: bool = False
     dropout: float = 0.3
@@ -143,7 +147,9 @@ class BaselineParams:
         _check(self.image_size >= 32, f"{key}.image_size", f"must be >= 32, got {self.image_size}")
         _non_negative(self.epochs, f"{key}.epochs")
         _positive(self.learning_rate, f"{key}.learning_rate")
+        _choice(self.lr_schedule, f"{key}.lr_schedule", LR_SCHEDULES)
         _non_negative(self.patience, f"{key}.patience")
+        _check(self.stem_stride in (1, 2), f"{key}.stem_stride", f"must be 1 or 2, got {self.stem_stride}")
         _check(len(self.filters) > 0 and all(f > 0 for f in self.filters), f"{key}.filters",
                f"must be a non-empty list of positive integers, got {list(self.filters)}")
         _fraction(self.dropout, f"{key}.dropout")

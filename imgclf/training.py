@@ -91,21 +91,28 @@ def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int,
     return recorder.history, time.perf_counter() - started
 
 
-def _compile(model: keras.Model, learning_rate: float, label_smoothing: float) -> None:
+def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
+    """Adam with ``learning_rate`` (a number or a schedule), smoothed cross-entropy."""
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                   metrics=["accuracy"])
 
 
 def train_baseline(train: ImageSet, val: ImageSet, params: Params) -> TrainResult:
-    n = len(train.class_names)
+    """A CNN from scratch on augmented images; with ``lr_schedule: cosine`` the learning
+    rate decays from ``learning_rate`` to 0 over ``epochs`` (the best epoch is kept)."""
+    n, bp, batch = len(train.class_names), params.baseline, params.train.batch_size
+    learning_rate = bp.learning_rate
+    if bp.lr_schedule == "cosine" and bp.epochs:
+        steps = int(np.ceil(len(train) / batch)) * bp.epochs
+        learning_rate = keras.optimizers.schedules.CosineDecay(bp.learning_rate, decay_steps=steps)
     with strategy().scope():
-        model = models.build_baseline(params.baseline, n)
-        _compile(model, params.baseline.learning_rate, params.train.label_smoothing)
-    train_ds = to_dataset(train.images, train.labels, n, params.train.batch_size, shuffle=True,
+        model = models.build_baseline(bp, n)
+        _compile(model, learning_rate, params.train.label_smoothing)
+    train_ds = to_dataset(train.images, train.labels, n, batch, shuffle=True,
                           seed=params.seed, augment=augmentation(params.augment, params.seed))
-    val_ds = to_dataset(val.images, val.labels, n, params.train.batch_size)
-    history, seconds = fit(model, train_ds, val_ds, params.baseline.epochs, params.baseline.patience)
+    val_ds = to_dataset(val.images, val.labels, n, batch)
+    history, seconds = fit(model, train_ds, val_ds, bp.epochs, bp.patience)
     return TrainResult(model, history, seconds)
 
 

@@ -37,6 +37,9 @@ def with_value(section, key, value) -> dict:
     ("export", "quantization", "int4", "export.quantization"),
     ("finetune", "cached_views", 0, "finetune.cached_views: must be >= 1"),
     ("baseline", "filters", [], "baseline.filters: must be a non-empty list"),
+    ("baseline", "lr_schedule", "step", "baseline.lr_schedule: 'step' is not allowed; choose one of: cosine"),
+    ("baseline", "stem_stride", 3, "baseline.stem_stride: must be 1 or 2"),
+    ("augment", "crop", 1.0, "augment.crop: must be in [0, 1)"),
     ("split", "val", 1.5, "split.val: must be a fraction in (0, 1)"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(section, key, value, expected):

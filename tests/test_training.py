@@ -126,6 +126,38 @@ def test_baseline_learns_colour_classes():
     assert summary["params_trainable"] > 0 and 1 <= summary["best_epoch"] <= 8
 
 
+def test_baseline_cosine_schedule_decays_to_zero_and_stem_stride_halves_the_map():
+    params = params_for(baseline={"epochs": 4, "patience": 0, "lr_schedule": "cosine", "learning_rate": 0.01,
+                                  "stem_stride": 2, "filters": [8, 16]})
+    training.configure(params)
+    result = training.train_baseline(tiny_set(), tiny_set(seed=60), params)
+    rates = result.history["learning_rate"]  # the rate after each epoch's last step
+    assert rates == sorted(rates, reverse=True) and rates[0] < 0.01 and rates[-1] == pytest.approx(0, abs=1e-9)
+    assert result.model.get_layer("block0_conv0").output.shape[1:3] == (16, 16)  # 32 px input
+    constant = params_for(baseline={"epochs": 2, "patience": 0, "lr_schedule": "constant", "learning_rate": 0.01,
+                                    "stem_stride": 1, "filters": [8, 16]})
+    result = training.train_baseline(tiny_set(), tiny_set(seed=60), constant)
+    assert result.history["learning_rate"] == pytest.approx([0.01, 0.01])
+    assert result.model.get_layer("block0_conv0").output.shape[1:3] == (32, 32)
+
+
+def test_random_square_crop_keeps_size_and_a_large_part_of_each_image():
+    from imgclf.augment import RandomSquareCrop
+
+    size, crop = 32, 0.25
+    columns = np.tile(np.arange(size, dtype=np.float32), (size, 1))  # pixel value = column index
+    images = np.repeat(np.stack([columns] * 3, axis=-1)[None], 64, axis=0)
+    layer = RandomSquareCrop(crop, seed=1)
+    out = np.asarray(layer(images, training=True))
+    assert out.shape == images.shape and out.dtype == np.float32
+    spans = out[:, 0, -1, 0] - out[:, 0, 0, 0]  # columns covered by each crop
+    assert (spans >= (1 - crop) * (size - 1) - 1e-3).all() and (spans <= size - 1 + 1e-3).all()
+    assert len(np.unique(np.round(out[:, 0, 0, 0], 3))) > 10  # random place per image
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    uint8 = np.asarray(layer(images.astype(np.uint8), training=True))
+    assert uint8.dtype == np.uint8 and uint8.shape == images.shape
+
+
 def test_split_images_load_with_class_names(tmp_path):
     from conftest import make_folder
 

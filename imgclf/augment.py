@@ -1,0 +1,30 @@
+"""Augmentation layers that Keras does not ship. Used in tf.data pipelines, never saved in a model."""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+class RandomSquareCrop(keras.layers.Layer):
+    """Per image, a random square whose side is ``1 - crop`` to 1 times the image's, at a
+    random place, resized back to the input size: scale and translation jitter in one
+    batched op, several times cheaper on CPU than RandomRotation plus RandomZoom.
+    Identity when not training."""
+
+    def __init__(self, crop: float, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.crop, self.seed = float(crop), int(seed)
+
+    def call(self, inputs, training=True):
+        if not training or not self.crop:
+            return inputs
+        count, size = tf.shape(inputs)[0], tf.shape(inputs)[1:3]
+        side = tf.random.uniform([count], 1.0 - self.crop, 1.0, seed=self.seed)
+        top = tf.random.uniform([count], seed=self.seed + 1) * (1.0 - side)
+        left = tf.random.uniform([count], seed=self.seed + 2) * (1.0 - side)
+        boxes = tf.stack([top, left, top + side, left + side], axis=1)
+        crops = tf.image.crop_and_resize(tf.cast(inputs, tf.float32), boxes, tf.range(count), size)
+        return tf.cast(crops, inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "crop": self.crop, "seed": self.seed}
