@@ -1,11 +1,13 @@
-"""Try several head/finetune recipes on one split in one process (data decoded once).
+"""Try several head/finetune (or baseline) recipes on one split in one process (data decoded once).
 
     python bench/sweep.py --split data/split \
         "finetune.learning_rate=1e-4" "finetune.learning_rate=1e-4,finetune.cached_views=1"
+    python bench/sweep.py --stage baseline "augment.crop=0,augment.rotation=0.1" ""
 
 Each argument is a comma-separated list of params overrides (like `dvc exp run -S`), applied
-to params.yaml with model.backbone=mobilenetv2. Prints validation and test accuracy, macro F1
-and seconds per phase for each; a quick way to choose what to confirm with `dvc exp run`.
+to params.yaml with model.backbone=mobilenetv2 ("" = params.yaml as it is). Prints validation
+and test accuracy, macro F1 and seconds per phase for each; a quick way to choose what to
+confirm with `dvc exp run`.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ def score(model, subset, params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", default=str(ROOT / "data" / "split"))
+    parser.add_argument("--stage", choices=("finetune", "baseline"), default="finetune",
+                        help="finetune: head then fine-tune (default); baseline: the CNN from scratch")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -56,12 +60,20 @@ def main() -> None:
     data, heads = {}, {}
     for overrides in args.configs:
         params = params_from_dict(apply(base, overrides))
-        size = params.model.image_size
+        size = params.baseline.image_size if args.stage == "baseline" else params.model.image_size
         if size not in data:
             started = time.perf_counter()
             data[size] = [load_subset(split, s, size, names) for s in ("train", "val", "test")]
             print(f"decoded {size}px in {time.perf_counter() - started:.1f}s", flush=True)
         train, val, test = data[size]
+        if args.stage == "baseline":
+            training.configure(params)
+            result = training.train_baseline(train, val, params)
+            row = {"overrides": overrides, "baseline_seconds": round(result.seconds, 1),
+                   "epochs": result.epochs_run, "val": score(result.model, val, params),
+                   "test": score(result.model, test, params)}
+            print("RESULT " + json.dumps(row), flush=True)
+            continue
         head_key = json.dumps([params.model.__dict__, params.head.__dict__, params.train.__dict__], default=str)
         training.configure(params)
         if head_key not in heads:
