@@ -120,13 +120,13 @@ def confidently_wrong(pred: Predictions, count: int) -> np.ndarray:
     return wrong[np.argsort(-pred.confidence[wrong], kind="stable")][:count]
 
 
-def throughput(predict, images: np.ndarray, repeats: int = 1) -> float:
-    """Images per second of ``predict(images)`` after one warm-up batch."""
+def timed_predictions(predict, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """``predict(images)`` and its throughput in images per second, timed after a warm-up
+    call on a few images (graph tracing), so the test set is predicted only once."""
     predict(images[: min(len(images), 8)])
     started = time.perf_counter()
-    for _ in range(repeats):
-        predict(images)
-    return float(len(images) * repeats / (time.perf_counter() - started))
+    outputs = predict(images)
+    return outputs, float(len(images) / (time.perf_counter() - started))
 
 
 def overfitting_verdict(train_accuracy: float | None, val_accuracy: float | None) -> tuple[float | None, str]:

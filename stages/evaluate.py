@@ -2,8 +2,6 @@
 import csv
 import json
 
-import numpy as np
-
 from imgclf import evaluation as ev
 from imgclf import figures, tracking, training
 from imgclf.datasets import load_subset
@@ -28,13 +26,11 @@ def evaluate_model(name, layout, params, test_cache, run) -> tuple[dict, dict]:
     if size not in test_cache:
         test_cache[size] = load_subset(layout.split, "test", size, names)
     test = test_cache[size]
-    images = test.images.astype(np.float32)
-    batch = params.train.batch_size
-    probs = training.predict(model, test.images, batch, params.evaluate.tta)
+    probs, images_per_s = ev.timed_predictions(
+        lambda x: training.predict(model, x, params.train.batch_size, params.evaluate.tta), test.images)
     pred = ev.Predictions(probs, test.labels, names)
     metrics = ev.summary_metrics(pred, params.evaluate.calibration_bins)
-    metrics["throughput_images_per_s"] = round(ev.throughput(
-        lambda x: model.predict(x, batch_size=batch, verbose=0), images), 2)
+    metrics["throughput_images_per_s"] = round(images_per_s, 2)
     metrics["params_total"] = int(model.count_params())
     metrics["model_file_mb"] = round(layout.model(name).stat().st_size / 2**20, 3)
 

@@ -55,3 +55,16 @@ def test_comparison_rows_and_verdict():
     text = ev.comparison_summary(rows)
     assert "**finetune**" in text and "+23.0 accuracy points" in text
     assert ev.markdown_table(rows).count("\n") == 4
+
+
+def test_timed_predictions_predicts_the_full_set_once_after_a_warm_up():
+    calls = []
+
+    def predict(x):
+        calls.append(len(x))
+        return x * 2
+
+    images = np.arange(20, dtype=np.float32)
+    outputs, per_second = ev.timed_predictions(predict, images)
+    np.testing.assert_array_equal(outputs, images * 2)
+    assert calls == [8, 20] and per_second > 0
