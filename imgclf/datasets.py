@@ -86,12 +86,8 @@ def to_dataset(inputs: np.ndarray, labels: np.ndarray, num_classes: int, batch_s
     ds = tf.data.Dataset.from_tensor_slices((inputs, one_hot))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(tf.cast(x, tf.float32), training=True), y),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    to_float = _batch_to_float(augment)
+    ds = ds.batch(batch_size).map(lambda x, y: (to_float(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -100,8 +96,13 @@ def image_batches(images: np.ndarray, batch_size: int, augment=None):
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x: augment(tf.cast(x, tf.float32), training=True), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.map(_batch_to_float(augment), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def _batch_to_float(augment=None):
+    """Batch -> float32 (per batch, so no full float copy of the images), augmented if asked."""
+    import tensorflow as tf
+
+    if augment is None:
+        return lambda x: tf.cast(x, tf.float32)
+    return lambda x: augment(tf.cast(x, tf.float32), training=True)

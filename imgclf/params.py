@@ -125,10 +125,6 @@ class AugmentParams:
         for name in ("crop", "rotation", "zoom", "contrast"):
             _fraction(getattr(self, name), f"{key}.{name}")
 
-    @property
-    def enabled(self) -> bool:
-        return self.flip or any(v > 0 for v in (self.crop, self.rotation, self.zoom, self.contrast))
-
 
 @dataclass(frozen=True)
 class BaselineParams:
