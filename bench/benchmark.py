@@ -28,6 +28,7 @@ from imgclf import training  # noqa: E402
 from imgclf.datasets import ImageSet  # noqa: E402
 from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
 from imgclf.images import decode_rgb  # noqa: E402
+from imgclf.inference import predict_probs  # noqa: E402
 from imgclf.params import load_params  # noqa: E402
 
 SIZE = 224
@@ -108,7 +109,7 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
     params = load_params(params_path)
     params = dataclasses.replace(params, model=dataclasses.replace(
         params.model, backbone="mobilenetv2", weights="imagenet", image_size=SIZE))
-    training.configure(params)
+    training.configure(params.seed, params.train)
 
     started = time.perf_counter()
     sets = []
@@ -118,9 +119,10 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
         sets.append(ImageSet(images, labels, [""] * len(labels), names))
     decode_seconds = time.perf_counter() - started
 
-    head = training.train_head(sets[0], sets[1], params)
-    finetune = training.train_finetune(head.model, sets[0], sets[1], params)
-    probs = training.predict(finetune.model, sets[2].images, params.train.batch_size, params.evaluate.tta)
+    common = (params.train, params.augment, params.seed)
+    head = training.train_head(sets[0], sets[1], params.model, params.head, *common)
+    finetune = training.train_finetune(head.model, sets[0], sets[1], params.finetune, *common)
+    probs = predict_probs(finetune.model, sets[2].images, params.train.tta)
     metrics = summary_metrics(Predictions(probs, sets[2].labels, names))
     return {"decode_seconds": decode_seconds, "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
             "total_seconds": decode_seconds + head.seconds + finetune.seconds,

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from imgclf import training  # noqa: E402
 from imgclf.datasets import class_names, load_subset  # noqa: E402
 from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
+from imgclf.inference import predict_probs  # noqa: E402
 from imgclf.params import params_from_dict  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def apply(raw: dict, overrides: str) -> dict:
 
 
 def score(model, subset, params) -> dict:
-    probs = training.predict(model, subset.images, params.train.batch_size, params.evaluate.tta)
+    probs = predict_probs(model, subset.images, params.train.tta)
     m = summary_metrics(Predictions(probs, subset.labels, subset.class_names))
     return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
 
@@ -67,23 +68,25 @@ def main() -> None:
             print(f"decoded {size}px in {time.perf_counter() - started:.1f}s", flush=True)
         train, val, test = data[size]
         if args.stage == "baseline":
-            training.configure(params)
-            result = training.train_baseline(train, val, params)
+            training.configure(params.seed, params.train)
+            result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed)
             row = {"overrides": overrides, "baseline_seconds": round(result.seconds, 1),
                    "epochs": result.epochs_run, "val": score(result.model, val, params),
                    "test": score(result.model, test, params)}
             print("RESULT " + json.dumps(row), flush=True)
             continue
         head_key = json.dumps([params.model.__dict__, params.head.__dict__, params.train.__dict__], default=str)
-        training.configure(params)
+        training.configure(params.seed, params.train)
         if head_key not in heads:
-            result = training.train_head(train, val, params)
+            result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
+                                             params.seed)
             heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),
                                score(result.model, test, params))
         weights, head_seconds, head_val, head_test = heads[head_key]
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
-        result = training.train_finetune(model, train, val, params)
+        result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
+                                         params.seed)
         row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
                "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),

@@ -1,8 +1,10 @@
-"""Augmentation layers that Keras does not ship. Used in tf.data pipelines, never saved in a model."""
+"""Random augmentation for training, as Keras layers applied in tf.data pipelines (never saved in a model)."""
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from .params import AugmentParams
 
 
 class RandomSquareCrop(keras.layers.Layer):
@@ -28,3 +30,19 @@ class RandomSquareCrop(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "crop": self.crop, "seed": self.seed}
+
+
+def augmentation(config: AugmentParams, seed: int):
+    """Random crop/flip/rotation/zoom/contrast as Keras layers (None when all are off)."""
+    steps = []
+    if config.crop:
+        steps.append(RandomSquareCrop(config.crop, seed=seed + 4))
+    if config.flip:
+        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if config.rotation:
+        steps.append(keras.layers.RandomRotation(config.rotation, seed=seed + 1))
+    if config.zoom:
+        steps.append(keras.layers.RandomZoom(config.zoom, seed=seed + 2))
+    if config.contrast:
+        steps.append(keras.layers.RandomContrast(config.contrast, seed=seed + 3, value_range=(0, 255)))
+    return keras.Sequential(steps, name="augmentation") if steps else None

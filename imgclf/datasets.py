@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from .images import is_image_path, load_images
-from .params import AugmentParams
 from .project import DataError
 
 
@@ -55,26 +54,6 @@ def load_train_val(split_dir: Path, size: int, names: list[str] | None = None
     """Training and validation images at ``size`` (class names from the train folders by default)."""
     names = names or class_names(split_dir)
     return load_subset(split_dir, "train", size, names), load_subset(split_dir, "val", size, names)
-
-
-def augmentation(config: AugmentParams, seed: int):
-    """Random crop/flip/rotation/zoom/contrast as Keras layers (None when all are off)."""
-    import keras
-
-    from .augment import RandomSquareCrop
-
-    steps = []
-    if config.crop:
-        steps.append(RandomSquareCrop(config.crop, seed=seed + 4))
-    if config.flip:
-        steps.append(keras.layers.RandomFlip("horizontal", seed=seed))
-    if config.rotation:
-        steps.append(keras.layers.RandomRotation(config.rotation, seed=seed + 1))
-    if config.zoom:
-        steps.append(keras.layers.RandomZoom(config.zoom, seed=seed + 2))
-    if config.contrast:
-        steps.append(keras.layers.RandomContrast(config.contrast, seed=seed + 3, value_range=(0, 255)))
-    return keras.Sequential(steps, name="augmentation") if steps else None
 
 
 def to_dataset(inputs: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,

@@ -160,16 +160,18 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def comparison_rows(evaluated: dict[str, dict], trained: dict[str, dict]) -> list[dict]:
-    """One row per model: test quality, training cost and the overfitting gap."""
+    """One row per model: test quality, training cost and the overfitting gap of the epoch
+    whose weights were kept (train and validation accuracy of that same epoch)."""
     rows = []
     for name, test in evaluated.items():
         train = trained.get(name, {})
-        gap, verdict = overfitting_verdict(train.get("best_train_accuracy"), train.get("best_val_accuracy"))
+        gap, verdict = overfitting_verdict(train.get("train_accuracy"), train.get("val_accuracy"))
         rows.append({
             "model": name,
             "test_accuracy": test["accuracy"],
             "macro_f1": test["macro_f1"],
-            "best_val_accuracy": train.get("best_val_accuracy"),
+            "kept_epoch": train.get("best_epoch"),
+            "val_accuracy": train.get("val_accuracy"),
             "train_seconds": train.get("train_seconds"),
             "params_total": test.get("params_total"),
             "params_trainable": train.get("params_trainable"),

@@ -8,11 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .inference import predict_probs, serving_function
+from .modelio import ModelInfo
 
-def export_saved_model(model, directory: Path) -> None:
-    """``model.export`` (Keras 3): a serving SavedModel taking float32 images 0..255."""
+
+def export_saved_model(model, directory: Path, tta: bool) -> None:
+    """A serving SavedModel taking float32 images 0..255, whose ``serve`` endpoint is the
+    pipeline's serving function (test-time augmentation included when the model uses it).
+    This is what ``model.export`` writes, with our endpoint instead of the bare model call."""
+    import keras
+    import tensorflow as tf
+
     shutil.rmtree(directory, ignore_errors=True)
-    model.export(str(directory), format="tf_saved_model", verbose=False)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    spec = tf.TensorSpec((None, *model.input.shape[1:]), tf.float32, name="images")
+    archive.add_endpoint("serve", serving_function(model, tta), input_signature=[spec])
+    archive.write_out(str(directory), verbose=False)
 
 
 def convert_tflite(saved_model: Path, path: Path, quantization: str = "none") -> None:
@@ -70,22 +82,26 @@ def size_mb(path: Path) -> float:
     return round(sum(p.stat().st_size for p in files) / 2**20, 3)
 
 
-def export_all(model, class_names: list[str], image_size: int, out_dir: Path, quantization: str,
-               check_images: np.ndarray) -> dict:
-    """Write SavedModel, TFLite files and class names; return sizes, latency and parity."""
+def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_images: np.ndarray) -> dict:
+    """Write SavedModel, TFLite files and class names; return sizes, latency and parity with
+    the pipeline's own inference (:func:`imgclf.inference.predict_probs`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "saved_model"
-    export_saved_model(model, saved)
+    export_saved_model(model, saved, info.tta)
     formats = {"saved_model": saved, "tflite_float32": out_dir / "model_float32.tflite"}
     convert_tflite(saved, formats["tflite_float32"])
     if quantization != "none":
         formats[f"tflite_{quantization}"] = out_dir / f"model_{quantization}.tflite"
         convert_tflite(saved, formats[f"tflite_{quantization}"], quantization)
     (out_dir / "class_names.json").write_text(json.dumps(
-        {"class_names": class_names, "image_size": image_size, "input": "float32 RGB 0..255, NHWC"}, indent=2))
+        {"class_names": info.class_names, "image_size": info.image_size, "tta": info.tta,
+         "input": "float32 RGB 0..255, NHWC"}, indent=2))
 
-    reference = model.predict(check_images, verbose=0)
-    report = {"keras": {"latency_ms": latency_ms(lambda x: model.predict(x, verbose=0), check_images)}}
+    def keras_predict(images):
+        return predict_probs(model, images, info.tta)
+
+    reference = keras_predict(check_images)
+    report = {"keras": {"latency_ms": latency_ms(keras_predict, check_images)}}
     for name, path in formats.items():
         predict = saved_model_predictor(path) if name == "saved_model" else tflite_predictor(path)
         got = predict(check_images)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .images import BadImageError, inspect_bytes, normalized_bytes
+from .images import NEAR_DUPLICATES_FILE, BadImageError, inspect_bytes, near_duplicate_groups, normalized_bytes
 from .project import DataError
 from .sources import SourceImage
 
@@ -21,7 +22,8 @@ class IngestReport:
     counts: dict[str, int] = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)  # {origin, label, reason}
     duplicates: list[dict] = field(default_factory=list)  # {label, kept, dropped, sha256}
-    conflicts: list[dict] = field(default_factory=list)  # {sha256, labels, origins}
+    conflicts: list[dict] = field(default_factory=list)  # {kind, labels, origins}
+    near_duplicates: list[dict] = field(default_factory=list)  # {label, files}: kept, in one split
     converted: int = 0
     capped: int = 0
 
@@ -33,13 +35,14 @@ class IngestReport:
             "skipped": len(self.skipped),
             "duplicates_removed": len(self.duplicates),
             "label_conflicts": len(self.conflicts),
+            "near_duplicate_groups": len(self.near_duplicates),
             "converted_to_png": self.converted,
             "dropped_by_max_per_class": self.capped,
         }
 
     def as_dict(self) -> dict:
-        return {"summary": self.summary(), "skipped": self.skipped,
-                "duplicates": self.duplicates, "conflicts": self.conflicts}
+        return {"summary": self.summary(), "skipped": self.skipped, "duplicates": self.duplicates,
+                "conflicts": self.conflicts, "near_duplicates": self.near_duplicates}
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,14 @@ class _Valid:
     label: str
     origin: str
     sha256: str
+    dhash: bytes
     data: bytes
     extension: str
     converted: bool
+
+    @property
+    def filename(self) -> str:
+        return f"{_safe_stem(self.origin)}-{self.sha256[:12]}{self.extension}"
 
 
 def _safe_stem(origin: str) -> str:
@@ -64,16 +72,20 @@ def _validate(item: SourceImage) -> _Valid | dict:
         data, extension = normalized_bytes(item.data, info)
     except BadImageError as err:
         return {"origin": item.origin, "label": item.label, "reason": str(err)}
-    return _Valid(item.label, item.origin, hashlib.sha256(item.data).hexdigest(), data, extension,
+    return _Valid(item.label, item.origin, hashlib.sha256(item.data).hexdigest(), info.dhash, data, extension,
                   converted=data is not item.data)
 
 
-def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, max_per_class: int = 0,
-           seed: int = 0, workers: int = 4) -> IngestReport:
+def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, *, max_per_class: int, seed: int,
+           near_duplicate_bits: int, workers: int = 4) -> IngestReport:
     """Write every valid, unique, unambiguous image to ``out_dir/<label>/``.
 
+    Byte-identical files in one class are kept once. Images within ``near_duplicate_bits``
+    of each other (perceptual hash) form a group: under one class the group is kept and
+    listed in ``out_dir/near_duplicates.json`` so the split keeps it together; across
+    classes it is a label conflict and excluded, like byte-identical files under two classes.
     The folder is built beside ``out_dir`` and moved into place at the end, so a failure
-    leaves no half-written output. Raises ValueError if no class keeps any image.
+    leaves no half-written output. Raises DataError if no class keeps any image.
     """
     report = IngestReport()
     by_hash: dict[str, dict[str, _Valid]] = defaultdict(dict)  # sha -> label -> first seen
@@ -108,11 +120,12 @@ def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, max_pe
     per_label: dict[str, list[_Valid]] = defaultdict(list)
     for sha, entries in by_hash.items():
         if len(entries) > 1:
-            report.conflicts.append({"sha256": sha, "labels": sorted(entries),
+            report.conflicts.append({"kind": "identical", "labels": sorted(entries),
                                      "origins": sorted(v.origin for v in entries.values())})
             continue
         (valid,) = entries.values()
         per_label[valid.label].append(valid)
+    groups = _near_duplicates(per_label, near_duplicate_bits, report)
 
     empty = sorted(labels_seen - {label for label, v in per_label.items() if v})
     if not per_label:
@@ -132,12 +145,35 @@ def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, max_pe
             folder = staging / label
             folder.mkdir(parents=True)
             for valid in images:
-                (folder / f"{_safe_stem(valid.origin)}-{valid.sha256[:12]}{valid.extension}").write_bytes(valid.data)
+                (folder / valid.filename).write_bytes(valid.data)
                 report.converted += valid.converted
             report.counts[label] = len(images)
+        kept_groups = [[f"{v.label}/{v.filename}" for v in group if (staging / v.label / v.filename).exists()]
+                       for group in groups]
+        kept_groups = [group for group in kept_groups if len(group) > 1]
+        (staging / NEAR_DUPLICATES_FILE).write_text(json.dumps(kept_groups, indent=1) + "\n")
+        report.near_duplicates = [{"label": g[0].split("/")[0], "files": g} for g in kept_groups]
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.skipped.sort(key=lambda s: s["origin"])
     return report
+
+
+def _near_duplicates(per_label: dict[str, list[_Valid]], max_bits: int, report: IngestReport) -> list[list[_Valid]]:
+    """Near-identical groups within one class (returned); groups spanning classes are label
+    conflicts: reported and removed from ``per_label``."""
+    kept = [valid for label in sorted(per_label) for valid in per_label[label]]
+    groups = []
+    for indices in near_duplicate_groups([v.dhash for v in kept], max_bits):
+        members = [kept[i] for i in indices]
+        labels = sorted({v.label for v in members})
+        if len(labels) == 1:
+            groups.append(members)
+            continue
+        report.conflicts.append({"kind": "near-identical", "labels": labels,
+                                 "origins": sorted(v.origin for v in members)})
+        for valid in members:
+            per_label[valid.label].remove(valid)
+    return groups

@@ -6,10 +6,15 @@ Top-level models are linear chains of layers, which Grad-CAM relies on:
 from __future__ import annotations
 
 import math
+import os
+import re
+from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
+from .network import RETRY_DELAYS, with_retries
 from .params import BaselineParams, ModelParams
 
 BACKBONE_LAYER = "backbone"
@@ -19,39 +24,63 @@ OUTPUT_LAYER = "predictions"
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-@keras.saving.register_keras_serializable(package="imgclf")
-class CaffePreprocessing(layers.Layer):
-    """RGB 0..255 -> BGR minus the ImageNet mean, as ResNet50's ImageNet weights expect."""
-
-    def call(self, inputs):
-        bgr = keras.ops.flip(inputs, axis=-1)
-        return bgr - keras.ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=bgr.dtype)
-
-
-def preprocessing_layer(backbone: str) -> layers.Layer | None:
-    """The backbone's own input scaling as a real, serializable layer (None: built in)."""
+def preprocess(x, backbone: str):
+    """The backbone's own input scaling, as standard Keras layers (so saved models load in
+    safe mode with plain ``keras.models.load_model``, without this package)."""
     if backbone == "mobilenetv2":
-        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")
+        return layers.Rescaling(1.0 / 127.5, offset=-1.0, name="preprocessing")(x)
     if backbone == "resnet50":
-        return CaffePreprocessing(name="preprocessing")
+        # Caffe style, as ResNet50's ImageNet weights expect: RGB -> BGR minus the ImageNet mean,
+        # written as a frozen Dense map on the channel axis (exact: each output is one input
+        # times 1 plus the bias).
+        layer = layers.Dense(3, trainable=False, name="preprocessing")
+        x = layer(x)
+        layer.set_weights([np.eye(3, dtype="float32")[::-1], -np.asarray(_CAFFE_MEAN_BGR, dtype="float32")])
+        return x
     if backbone == "efficientnetb0":
-        return None  # EfficientNet rescales and normalises 0..255 input itself
+        return x  # EfficientNet rescales and normalises 0..255 input itself
     raise ValueError(f"unknown backbone {backbone!r}")
 
 
+_APPLICATIONS = {"efficientnetb0": "EfficientNetB0", "mobilenetv2": "MobileNetV2", "resnet50": "ResNet50"}
+
+
 def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
-    shape = (image_size, image_size, 3)
-    weights_arg = None if weights == "none" else weights
-    if backbone == "efficientnetb0":
-        model = keras.applications.EfficientNetB0(include_top=False, weights=weights_arg, input_shape=shape)
-    elif backbone == "mobilenetv2":
-        model = keras.applications.MobileNetV2(include_top=False, weights=weights_arg, input_shape=shape)
-    elif backbone == "resnet50":
-        model = keras.applications.ResNet50(include_top=False, weights=weights_arg, input_shape=shape)
-    else:
+    """A Keras application without its top. ImageNet weights come from Keras' cache
+    (``~/.keras/models``) or are downloaded once; failing that, a NetworkError names the
+    file and the offline way."""
+    if backbone not in _APPLICATIONS:
         raise ValueError(f"unknown backbone {backbone!r}")
+    application = getattr(keras.applications, _APPLICATIONS[backbone])
+
+    def build() -> keras.Model:
+        try:
+            return application(include_top=False, weights=None if weights == "none" else weights,
+                               input_shape=(image_size, image_size, 3))
+        except Exception as err:  # Keras reports a failed download as a bare Exception
+            if "URL fetch failure" in str(err):
+                raise ConnectionError(str(err)) from None
+            raise
+
+    try:
+        model = build()
+    except ConnectionError as err:  # the first try names the file; two more tries, then one line
+        match = re.search(r"URL fetch failure on (\S+?): ", str(err))
+        file = match.group(1).rsplit("/", 1)[-1] if match else f"the {backbone} ImageNet weights file"
+        cache = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
+        model = with_retries(build, f"the ImageNet weights of {backbone} ({file})",
+                             f"Offline: copy {file} into {cache}/ (Keras looks there before downloading), "
+                             "or set model.weights: none to start from random weights",
+                             delays=RETRY_DELAYS[1:])
     model.name = BACKBONE_LAYER
     return model
+
+
+def fetch_weights(config: ModelParams) -> None:
+    """Bring the backbone's ImageNet weights into Keras' cache now (a no-op when cached or
+    with ``weights: none``), so a machine without them fails before any image is decoded."""
+    if config.weights != "none":
+        build_backbone(config.backbone, config.weights, config.image_size)
 
 
 def _head(x, config: ModelParams, num_classes: int):
@@ -65,10 +94,7 @@ def _head(x, config: ModelParams, num_classes: int):
 def build_transfer_model(config: ModelParams, num_classes: int) -> keras.Model:
     """Frozen backbone plus a fresh classification head."""
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
-    x = inputs
-    preprocess = preprocessing_layer(config.backbone)
-    if preprocess is not None:
-        x = preprocess(x)
+    x = preprocess(inputs, config.backbone)
     backbone = build_backbone(config.backbone, config.weights, config.image_size)
     backbone.trainable = False
     x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning

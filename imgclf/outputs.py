@@ -4,8 +4,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .modelio import save_model
-from .params import Params
+from .modelio import ModelInfo, save_model
 from .project import Layout, write_json
 from .tracking import StageRun
 from .training import TrainResult
@@ -22,20 +21,11 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
 
 
-def model_metadata(stage: str, params: Params, class_names: list[str], image_size: int) -> dict:
-    return {
-        "stage": stage,
-        "class_names": class_names,
-        "image_size": image_size,
-        "backbone": "baseline_cnn" if stage == "baseline" else params.model.backbone,
-        "input": "RGB uint8 or float in 0..255, shape (H, W, 3) at image_size",
-    }
-
-
-def save_training_outputs(layout: Layout, stage: str, result: TrainResult, params: Params,
-                          class_names: list[str], image_size: int, run: StageRun) -> dict:
+def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun) -> dict:
+    """The model (with its ModelInfo), per-epoch history, metrics, and the same in MLflow."""
+    stage = info.stage
     model_path = layout.model(stage)
-    save_model(result.model, model_path, model_metadata(stage, params, class_names, image_size))
+    save_model(result.model, model_path, info)
     history_path = layout.plots(stage) / "history.csv"
     write_history(result.history, history_path)
     summary = result.summary()

@@ -1,13 +1,15 @@
 """Read and validate ``params.yaml`` into typed, frozen objects.
 
-This is the only module that parses the params file. Every bad value raises
-:class:`ParamsError`, whose message names the key and says what is allowed.
+This is the only module that parses the params file. ``params.yaml`` is the one source of
+defaults: the dataclasses have none, so a missing key is an error, never a silent default
+that DVC does not track. Every bad value raises :class:`ParamsError`, whose message names
+the key and says what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -53,15 +55,18 @@ def _fraction(value: float, key: str, upper_inclusive: bool = False) -> None:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: str = "tfds"
-    name: str = "tf_flowers"
-    path: str = "inputs"
-    sha256: str = ""
-    max_per_class: int = 0
+    source: str
+    name: str
+    path: str
+    sha256: str
+    max_per_class: int
+    near_duplicate_bits: int
 
     def validate(self, key: str) -> None:
         _choice(self.source, f"{key}.source", SOURCES)
         _non_negative(self.max_per_class, f"{key}.max_per_class")
+        _check(0 <= self.near_duplicate_bits <= 15, f"{key}.near_duplicate_bits",
+               f"must be between 0 (off) and 15 bits of the 256-bit hash, got {self.near_duplicate_bits}")
         if self.source == "tfds":
             _check(bool(self.name), f"{key}.name", "a TFDS dataset name is required when data.source is tfds")
         else:
@@ -73,9 +78,9 @@ class DataParams:
 
 @dataclass(frozen=True)
 class SplitParams:
-    train: float = 0.70
-    val: float = 0.15
-    test: float = 0.15
+    train: float
+    val: float
+    test: float
 
     def validate(self, key: str) -> None:
         for name in ("train", "val", "test"):
@@ -88,11 +93,11 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    backbone: str = "efficientnetb0"
-    weights: str = "imagenet"
-    image_size: int = 224
-    dropout: float = 0.2
-    hidden_units: int = 0
+    backbone: str
+    weights: str
+    image_size: int
+    dropout: float
+    hidden_units: int
 
     def validate(self, key: str) -> None:
         _choice(self.backbone, f"{key}.backbone", BACKBONES)
@@ -104,9 +109,10 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    batch_size: int = 32
-    mixed_precision: bool = False
-    label_smoothing: float = 0.1
+    batch_size: int
+    mixed_precision: bool
+    label_smoothing: float
+    tta: bool  # stored in each model's metadata: every inference path serves what evaluate measured
 
     def validate(self, key: str) -> None:
         _positive(self.batch_size, f"{key}.batch_size")
@@ -115,11 +121,11 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class AugmentParams:
-    flip: bool = True
-    crop: float = 0.12
-    rotation: float = 0.0
-    zoom: float = 0.0
-    contrast: float = 0.0
+    flip: bool
+    crop: float
+    rotation: float
+    zoom: float
+    contrast: float
 
     def validate(self, key: str) -> None:
         for name in ("crop", "rotation", "zoom", "contrast"):
@@ -128,16 +134,16 @@ class AugmentParams:
 
 @dataclass(frozen=True)
 class BaselineParams:
-    image_size: int = 96
-    epochs: int = 16
-    learning_rate: float = 2e-3
-    lr_schedule: str = "cosine"
-    patience: int = 8
-    filters: tuple[int, ...] = (32, 64, 128, 256)
-    stem_stride: int = 2
-    convs_per_block: int = 1
-    separable: bool = False
-    dropout: float = 0.3
+    image_size: int
+    epochs: int
+    learning_rate: float
+    lr_schedule: str
+    patience: int
+    filters: tuple[int, ...]
+    stem_stride: int
+    convs_per_block: int
+    separable: bool
+    dropout: float
 
     def validate(self, key: str) -> None:
         _check(self.image_size >= 32, f"{key}.image_size", f"must be >= 32, got {self.image_size}")
@@ -154,11 +160,11 @@ class BaselineParams:
 
 @dataclass(frozen=True)
 class HeadParams:
-    epochs: int = 20
-    learning_rate: float = 1e-3
-    patience: int = 3
-    cache_features: bool = True
-    augment: bool = False
+    epochs: int
+    learning_rate: float
+    patience: int
+    cache_features: bool
+    augment: bool
 
     def validate(self, key: str) -> None:
         _non_negative(self.epochs, f"{key}.epochs")
@@ -168,13 +174,13 @@ class HeadParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    epochs: int = 8
-    learning_rate: float = 3e-4
-    unfreeze_layers: int = 40
-    patience: int = 3
-    reduce_lr_patience: int = 2
-    cache_activations: bool = True
-    cached_views: int = 1
+    epochs: int
+    learning_rate: float
+    unfreeze_layers: int
+    patience: int
+    reduce_lr_patience: int
+    cache_activations: bool
+    cached_views: int
 
     def validate(self, key: str) -> None:
         _check(self.cached_views >= 1, f"{key}.cached_views", f"must be >= 1, got {self.cached_views}")
@@ -187,10 +193,9 @@ class FinetuneParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    f1_threshold: float = 0.8
-    gallery_size: int = 16
-    calibration_bins: int = 10
-    tta: bool = False
+    f1_threshold: float
+    gallery_size: int
+    calibration_bins: int
 
     def validate(self, key: str) -> None:
         _fraction(self.f1_threshold, f"{key}.f1_threshold", upper_inclusive=True)
@@ -200,8 +205,8 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GradcamParams:
-    num_images: int = 12
-    include_baseline: bool = False
+    num_images: int
+    include_baseline: bool
 
     def validate(self, key: str) -> None:
         _positive(self.num_images, f"{key}.num_images")
@@ -209,7 +214,7 @@ class GradcamParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    quantization: str = "float16"
+    quantization: str
 
     def validate(self, key: str) -> None:
         _choice(self.quantization, f"{key}.quantization", QUANTIZATIONS)
@@ -217,8 +222,8 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class MlflowParams:
-    enabled: bool = True
-    experiment: str = "image-classification"
+    enabled: bool
+    experiment: str
 
     def validate(self, key: str) -> None:
         _check(bool(self.experiment), f"{key}.experiment", "must be a non-empty name")
@@ -226,19 +231,19 @@ class MlflowParams:
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
-    data: DataParams = field(default_factory=DataParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    baseline: BaselineParams = field(default_factory=BaselineParams)
-    head: HeadParams = field(default_factory=HeadParams)
-    finetune: FinetuneParams = field(default_factory=FinetuneParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    gradcam: GradcamParams = field(default_factory=GradcamParams)
-    export: ExportParams = field(default_factory=ExportParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    seed: int
+    data: DataParams
+    split: SplitParams
+    model: ModelParams
+    train: TrainParams
+    augment: AugmentParams
+    baseline: BaselineParams
+    head: HeadParams
+    finetune: FinetuneParams
+    evaluate: EvaluateParams
+    gradcam: GradcamParams
+    export: ExportParams
+    mlflow: MlflowParams
 
     def validate(self) -> None:
         _non_negative(self.seed, "seed")
@@ -298,13 +303,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         _check(name in known, key, f"unknown key; known keys here: {', '.join(known)}")
     values = {}
     hints = _type_hints(cls)
-    for name, f in known.items():
-        if name not in raw:
-            continue
+    for name in known:
         key = f"{prefix}.{name}" if prefix else name
+        _check(name in raw, key, "missing; every key must be set in params.yaml (no hidden defaults)")
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, key)
+            values[name] = _build(hint, raw[name], key)
         else:
             values[name] = _coerce(raw[name], hint, key)
     return cls(**values)

@@ -17,6 +17,7 @@ from typing import Iterable, TextIO
 import numpy as np
 
 from .images import BadImageError, decode_rgb, inspect_bytes
+from .progress import Progress
 
 
 def collect_files(inputs: Iterable[str]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -66,32 +67,18 @@ def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict]:
     return [{"label": class_names[i], "confidence": round(float(probs[i]), 6)} for i in order]
 
 
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, stream: TextIO, width: int = 30):
-        self.total, self.stream, self.width, self.done = total, stream, width, 0
-
-    def update(self, count: int) -> None:
-        self.done += count
-        filled = int(self.width * self.done / max(self.total, 1))
-        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} images")
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def format_row(path: str, ranked: list[dict]) -> str:
     return f"{path}\t" + "\t".join(f"{r['label']} {r['confidence']:.3f}" for r in ranked)
 
 
 def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool = False,
                   batch_size: int = 32, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from .inference import predict_probs
     from .modelio import load_model
 
     out, err = out or sys.stdout, err or sys.stderr
-    model, metadata = load_model(model_path)
-    names, size = metadata["class_names"], int(metadata["image_size"])
+    model, info = load_model(model_path)
+    names, size = info.class_names, info.image_size
     k = max(1, min(k, len(names)))
     files, skipped = collect_files(inputs)
     progress = Progress(len(files), err) if len(files) > batch_size else None
@@ -100,7 +87,7 @@ def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool
     for start in range(0, len(files), batch_size):
         images, good, bad = load_batch(files[start:start + batch_size], size)
         skipped.extend(bad)
-        probs = model.predict(images, verbose=0) if len(images) else []
+        probs = predict_probs(model, images, info.tta, batch_size)
         for path, row in zip(good, probs):
             ranked = top_k(row, names, k)
             out.write((json.dumps({"path": str(path), "top_k": ranked}) if as_json
@@ -123,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    if not Path(args.model).is_file():
-        print(f"error: model not found: {args.model} (run `dvc repro` or pass --model)", file=sys.stderr)
-        return 2
     if args.top_k < 1:
         print("error: --top-k must be >= 1", file=sys.stderr)
         return 2
-    return predict_files(Path(args.model), args.inputs, args.top_k, args.json, args.batch_size)
+    from .modelio import ModelFileError
 
+    try:
+        return predict_files(Path(args.model), args.inputs, args.top_k, args.json, args.batch_size)
+    except ModelFileError as error:
+        print(f"error: {error} (pass another one with --model)", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

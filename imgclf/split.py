@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import is_image_path
+from .images import NEAR_DUPLICATES_FILE, is_image_path
 from .params import SplitParams
 from .project import DataError
 
@@ -56,22 +57,46 @@ def list_class_images(raw_dir: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def assign(classes: dict[str, list[Path]], fractions: SplitParams, seed: int) -> list[Assignment]:
-    """Assign every image to a split (pure apart from reading the files to hash them)."""
+def read_groups(raw_dir: Path) -> list[list[Path]]:
+    """Near-identical images the download stage found (``near_duplicates.json``), as paths."""
+    listing = raw_dir / NEAR_DUPLICATES_FILE
+    if not listing.is_file():
+        return []
+    try:
+        groups = json.loads(listing.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{listing} is not valid JSON ({err}); rerun the download stage") from None
+    return [[raw_dir / name for name in group] for group in groups]
+
+
+def assign(classes: dict[str, list[Path]], fractions: SplitParams, seed: int,
+           groups: list[list[Path]] = ()) -> list[Assignment]:
+    """Assign every image to a split (pure apart from reading the files to hash them).
+
+    The members of a near-duplicate group all take the position of the group's smallest
+    content hash, so a group never straddles two splits."""
+    sha = {path: hashlib.sha256(path.read_bytes()).hexdigest() for files in classes.values() for path in files}
+    key = dict(sha)
+    grouped = set()
+    for group in groups:
+        members = [path for path in group if path in sha]
+        grouped.update(members)
+        for path in members:
+            key[path] = min(sha[p] for p in members)
     out: list[Assignment] = []
     for label, files in classes.items():
         items = []
         for path in files:
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
-            position = hash_position(sha, seed)
-            items.append(Assignment(label, path, sha, position, split_for(position, fractions)))
-        out.extend(_ensure_each_split(items, fractions))
+            position = hash_position(key[path], seed)
+            items.append(Assignment(label, path, sha[path], position, split_for(position, fractions)))
+        out.extend(_ensure_each_split(items, fractions, grouped))
     return out
 
 
-def _ensure_each_split(items: list[Assignment], fractions: SplitParams) -> list[Assignment]:
+def _ensure_each_split(items: list[Assignment], fractions: SplitParams, grouped: set[Path]) -> list[Assignment]:
     """A class with at least 3 images gets at least one in every split: the image whose hash
-    lies nearest the empty split's interval is moved there. Only tiny classes are affected."""
+    lies nearest the empty split's interval is moved there (never a member of a near-duplicate
+    group, which stays with its group). Only tiny classes are affected."""
     if len(items) < 3:
         return items
     bounds = {"train": (0.0, fractions.train),
@@ -84,7 +109,9 @@ def _ensure_each_split(items: list[Assignment], fractions: SplitParams) -> list[
         if counts[split]:
             continue
         low, high = bounds[split]
-        donors = [i for i, item in enumerate(items) if counts[item.split] > 1]
+        donors = [i for i, item in enumerate(items) if counts[item.split] > 1 and item.source not in grouped]
+        if not donors:
+            continue
         best = min(donors, key=lambda i: min(abs(items[i].position - low), abs(items[i].position - high)))
         moved = items[best]
         items[best] = Assignment(moved.label, moved.source, moved.sha256, moved.position, split)

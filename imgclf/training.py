@@ -10,8 +10,10 @@ import keras
 import numpy as np
 
 from . import models
-from .datasets import ImageSet, augmentation, image_batches, to_dataset
-from .params import Params
+from .augment import augmentation
+from .datasets import ImageSet, image_batches, to_dataset
+from .inference import INFERENCE_BATCH
+from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 
 
 @dataclass
@@ -26,24 +28,28 @@ class TrainResult:
         return len(self.history.get("loss", []))
 
     def summary(self) -> dict[str, float]:
+        """Training cost and the numbers of the epoch whose weights were kept (lowest
+        val_loss, as the checkpoint restores), not maxima over all epochs."""
         h = self.history
         out = {"train_seconds": round(self.seconds, 2), "epochs_run": self.epochs_run}
-        if h.get("val_accuracy"):
-            best = int(np.argmin(h["val_loss"]))
-            out.update(best_epoch=best + 1, best_val_loss=h["val_loss"][best],
-                       best_val_accuracy=max(h["val_accuracy"]), best_train_accuracy=max(h["accuracy"]))
+        if h.get("val_loss"):
+            kept = int(np.argmin(h["val_loss"]))  # first minimum: the checkpoint saves only improvements
+            out["best_epoch"] = kept + 1
+            for name in ("accuracy", "loss"):
+                out[f"train_{name}"] = round(h[name][kept], 6)
+                out[f"val_{name}"] = round(h[f"val_{name}"][kept], 6)
         out.update(models.count_params(self.model))
         out.update(self.extra)
         return out
 
 
-def configure(params: Params) -> None:
+def configure(seed: int, train: TrainParams) -> None:
     """Seed every generator; enable mixed precision only where a GPU can use it."""
     import tensorflow as tf
 
-    keras.utils.set_random_seed(params.seed)
+    keras.utils.set_random_seed(seed)
     gpus = tf.config.list_physical_devices("GPU")
-    policy = "mixed_float16" if params.train.mixed_precision and gpus else "float32"
+    policy = "mixed_float16" if train.mixed_precision and gpus else "float32"
     keras.mixed_precision.set_global_policy(policy)
 
 
@@ -98,74 +104,73 @@ def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
                   metrics=["accuracy"])
 
 
-def train_baseline(train: ImageSet, val: ImageSet, params: Params) -> TrainResult:
+def train_baseline(train_set: ImageSet, val_set: ImageSet, baseline: BaselineParams, train: TrainParams,
+                   augment: AugmentParams, seed: int) -> TrainResult:
     """A CNN from scratch on augmented images; with ``lr_schedule: cosine`` the learning
     rate decays from ``learning_rate`` to 0 over ``epochs`` (the best epoch is kept)."""
-    n, bp, batch = len(train.class_names), params.baseline, params.train.batch_size
-    learning_rate = bp.learning_rate
-    if bp.lr_schedule == "cosine" and bp.epochs:
-        steps = int(np.ceil(len(train) / batch)) * bp.epochs
-        learning_rate = keras.optimizers.schedules.CosineDecay(bp.learning_rate, decay_steps=steps)
+    n, batch = len(train_set.class_names), train.batch_size
+    learning_rate = baseline.learning_rate
+    if baseline.lr_schedule == "cosine" and baseline.epochs:
+        steps = int(np.ceil(len(train_set) / batch)) * baseline.epochs
+        learning_rate = keras.optimizers.schedules.CosineDecay(baseline.learning_rate, decay_steps=steps)
     with strategy().scope():
-        model = models.build_baseline(bp, n)
-        _compile(model, learning_rate, params.train.label_smoothing)
-    train_ds = to_dataset(train.images, train.labels, n, batch, shuffle=True,
-                          seed=params.seed, augment=augmentation(params.augment, params.seed))
-    val_ds = to_dataset(val.images, val.labels, n, batch)
-    history, seconds = fit(model, train_ds, val_ds, bp.epochs, bp.patience)
+        model = models.build_baseline(baseline, n)
+        _compile(model, learning_rate, train.label_smoothing)
+    train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True,
+                          seed=seed, augment=augmentation(augment, seed))
+    val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
+    history, seconds = fit(model, train_ds, val_ds, baseline.epochs, baseline.patience)
     return TrainResult(model, history, seconds)
-
-
-# Inference-only passes use larger batches: a little faster on CPU, no effect on results.
-EXTRACT_BATCH = 64
 
 
 def extract_features(model: keras.Model, images: np.ndarray) -> np.ndarray:
     """Pooled backbone features, computed once (the backbone is frozen)."""
-    return models.feature_extractor(model).predict(image_batches(images, EXTRACT_BATCH), verbose=0)
+    return models.feature_extractor(model).predict(image_batches(images, INFERENCE_BATCH), verbose=0)
 
 
-def train_head(train: ImageSet, val: ImageSet, params: Params, use_cache: bool | None = None) -> TrainResult:
+def train_head(train_set: ImageSet, val_set: ImageSet, model_config: ModelParams, head: HeadParams,
+               train: TrainParams, augment: AugmentParams, seed: int,
+               use_cache: bool | None = None) -> TrainResult:
     """Phase 1: the backbone frozen, only the head trains.
 
     With ``head.cache_features`` (and no ``head.augment``) the backbone runs once per image
     and the head trains on the cached pooled features; the weights are then copied into the
     full model, so both paths give the same kind of model.
     """
-    n = len(train.class_names)
-    hp, batch = params.head, params.train.batch_size
+    n, batch = len(train_set.class_names), train.batch_size
     if use_cache is None:
-        use_cache = hp.cache_features and not hp.augment
+        use_cache = head.cache_features and not head.augment
     with strategy().scope():
-        model = models.build_transfer_model(params.model, n)
-        _compile(model, hp.learning_rate, params.train.label_smoothing)
+        model = models.build_transfer_model(model_config, n)
+        _compile(model, head.learning_rate, train.label_smoothing)
     if not use_cache:
-        aug = augmentation(params.augment, params.seed) if hp.augment else None
-        train_ds = to_dataset(train.images, train.labels, n, batch, shuffle=True, seed=params.seed, augment=aug)
-        val_ds = to_dataset(val.images, val.labels, n, batch)
-        history, seconds = fit(model, train_ds, val_ds, hp.epochs, hp.patience)
+        aug = augmentation(augment, seed) if head.augment else None
+        train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
+        val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
+        history, seconds = fit(model, train_ds, val_ds, head.epochs, head.patience)
         return TrainResult(model, history, seconds, {"cached_features": 0})
 
     started = time.perf_counter()
-    train_features = extract_features(model, train.images)
-    val_features = extract_features(model, val.images)
+    train_features = extract_features(model, train_set.images)
+    val_features = extract_features(model, val_set.images)
     feature_seconds = time.perf_counter() - started
     with strategy().scope():
-        head = models.build_head_model(train_features.shape[1], params.model, n)
-        _compile(head, hp.learning_rate, params.train.label_smoothing)
-    train_ds = to_dataset(train_features, train.labels, n, batch, shuffle=True, seed=params.seed)
-    val_ds = to_dataset(val_features, val.labels, n, batch)
-    history, fit_seconds = fit(head, train_ds, val_ds, hp.epochs, hp.patience)
-    models.copy_head_weights(head, model)
+        head_model = models.build_head_model(train_features.shape[1], model_config, n)
+        _compile(head_model, head.learning_rate, train.label_smoothing)
+    train_ds = to_dataset(train_features, train_set.labels, n, batch, shuffle=True, seed=seed)
+    val_ds = to_dataset(val_features, val_set.labels, n, batch)
+    history, fit_seconds = fit(head_model, train_ds, val_ds, head.epochs, head.patience)
+    models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
                        {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)})
 
 
 def _extract(extractor: keras.Model, images: np.ndarray, augment=None) -> np.ndarray:
-    return extractor.predict(image_batches(images, EXTRACT_BATCH, augment), verbose=0)
+    return extractor.predict(image_batches(images, INFERENCE_BATCH, augment), verbose=0)
 
 
-def train_finetune(model: keras.Model, train: ImageSet, val: ImageSet, params: Params) -> TrainResult:
+def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, finetune: FinetuneParams,
+                   train: TrainParams, augment: AugmentParams, seed: int) -> TrainResult:
     """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate.
 
     With ``finetune.cache_activations`` the frozen bottom of the backbone runs once per
@@ -173,48 +178,38 @@ def train_finetune(model: keras.Model, train: ImageSet, val: ImageSet, params: P
     unfrozen top and the head train, each epoch on one random view of every image. Without
     it, the whole model runs every step with fresh augmentation.
     """
-    n = len(train.class_names)
-    fp, batch = params.finetune, params.train.batch_size
-    bottom, top, first = models.split_backbone(models.find_backbone(model), fp.unfreeze_layers)
+    n, batch = len(train_set.class_names), train.batch_size
+    bottom, top, first = models.split_backbone(models.find_backbone(model), finetune.unfreeze_layers)
     trainable_layers = models.unfreeze_from(model, first)
     extra = {"unfrozen_layers_with_weights": trainable_layers,
-             "unfrozen_from_layer": first, "cached_activations": int(fp.cache_activations)}
-    aug = augmentation(params.augment, params.seed)
-    if not fp.cache_activations:
-        _compile(model, fp.learning_rate, params.train.label_smoothing)  # recompile after trainable changes
-        train_ds = to_dataset(train.images, train.labels, n, batch, shuffle=True, seed=params.seed, augment=aug)
-        val_ds = to_dataset(val.images, val.labels, n, batch)
-        history, seconds = fit(model, train_ds, val_ds, fp.epochs, fp.patience, fp.reduce_lr_patience)
+             "unfrozen_from_layer": first, "cached_activations": int(finetune.cache_activations)}
+    aug = augmentation(augment, seed)
+    if not finetune.cache_activations:
+        _compile(model, finetune.learning_rate, train.label_smoothing)  # recompile after trainable changes
+        train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
+        val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
+        history, seconds = fit(model, train_ds, val_ds, finetune.epochs, finetune.patience,
+                               finetune.reduce_lr_patience)
         return TrainResult(model, history, seconds, extra)
 
     started = time.perf_counter()
     extractor = models.bottom_extractor(model, bottom)
-    views = [_extract(extractor, train.images)]
-    for _ in range(1, fp.cached_views):
-        views.append(_extract(extractor, train.images, aug))
-    val_act = _extract(extractor, val.images)
+    views = [_extract(extractor, train_set.images)]
+    for _ in range(1, finetune.cached_views):
+        views.append(_extract(extractor, train_set.images, aug))
+    val_act = _extract(extractor, val_set.images)
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
-    _compile(classifier, fp.learning_rate, params.train.label_smoothing)
+    _compile(classifier, finetune.learning_rate, train.label_smoothing)
     import tensorflow as tf
 
     acts = np.concatenate(views)
-    labels = np.eye(n, dtype=np.float32)[np.tile(train.labels, len(views))]
+    labels = np.eye(n, dtype=np.float32)[np.tile(train_set.labels, len(views))]
     train_ds = (tf.data.Dataset.from_tensor_slices((acts, labels))
-                .shuffle(len(acts), seed=params.seed).repeat().batch(batch).prefetch(tf.data.AUTOTUNE))
-    val_ds = to_dataset(val_act, val.labels, n, batch)
-    steps = int(np.ceil(len(train) / batch))  # an epoch = one view of every image, on average
-    history, fit_seconds = fit(classifier, train_ds, val_ds, fp.epochs, fp.patience,
-                               fp.reduce_lr_patience, steps_per_epoch=steps)
+                .shuffle(len(acts), seed=seed).repeat().batch(batch).prefetch(tf.data.AUTOTUNE))
+    val_ds = to_dataset(val_act, val_set.labels, n, batch)
+    steps = int(np.ceil(len(train_set) / batch))  # an epoch = one view of every image, on average
+    history, fit_seconds = fit(classifier, train_ds, val_ds, finetune.epochs, finetune.patience,
+                               finetune.reduce_lr_patience, steps_per_epoch=steps)
     extra["activation_seconds"] = round(extract_seconds, 2)
     return TrainResult(model, history, extract_seconds + fit_seconds, extra)
-
-
-def predict(model: keras.Model, images: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
-    """Class probabilities for uint8/float images 0..255; with ``tta`` averaged with the
-    horizontally flipped images (test-time augmentation)."""
-    probs = model.predict(image_batches(images, batch_size), verbose=0)
-    if tta:
-        flipped = np.ascontiguousarray(images[:, :, ::-1])
-        probs = (probs + model.predict(image_batches(flipped, batch_size), verbose=0)) / 2
-    return probs

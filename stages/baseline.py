@@ -1,6 +1,7 @@
 """DVC stage `baseline`: a CNN trained from scratch -> models/baseline.keras."""
 from imgclf import tracking, training
 from imgclf.datasets import load_train_val
+from imgclf.modelio import ModelInfo
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
@@ -9,11 +10,13 @@ from imgclf.project import Layout, project_root, run_stage
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
-    training.configure(params)
+    training.configure(params.seed, params.train)
     with tracking.stage_run("baseline", params, layout.root) as run:
-        train, val = load_train_val(layout.split, params.baseline.image_size)
-        result = training.train_baseline(train, val, params)
-        save_training_outputs(layout, "baseline", result, params, train.class_names, params.baseline.image_size, run)
+        size = params.baseline.image_size
+        train, val = load_train_val(layout.split, size)
+        result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed)
+        info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta)
+        save_training_outputs(layout, result, info, run)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ def main() -> None:
     check_source(params.data, layout.root)
     with tracking.stage_run("download", params, layout.root) as run, \
             temporary_workdir(layout.raw.parent) as workdir:
-        report = ingest(iter_source(params.data, layout.root, layout.root / workdir),
-                        layout.raw, params.data.max_per_class, params.seed)
+        report = ingest(iter_source(params.data, layout.root, layout.root / workdir), layout.raw,
+                        max_per_class=params.data.max_per_class, seed=params.seed,
+                        near_duplicate_bits=params.data.near_duplicate_bits)
         write_json(layout.reports("download") / "report.json", report.as_dict())
         write_json(layout.metrics("download"), report.summary())
         plots = layout.plots("download")
@@ -30,7 +31,8 @@ def main() -> None:
     for skipped in report.skipped:
         print(f"  skipped {skipped['origin']}: {skipped['reason']}")
     for conflict in report.conflicts:
-        print(f"  label conflict, excluded: {conflict['origins']} ({', '.join(conflict['labels'])})")
+        print(f"  label conflict ({conflict['kind']}), excluded: {conflict['origins']} "
+              f"({', '.join(conflict['labels'])})")
 
 
 if __name__ == "__main__":

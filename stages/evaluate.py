@@ -3,8 +3,9 @@ import csv
 import json
 
 from imgclf import evaluation as ev
-from imgclf import figures, tracking, training
+from imgclf import figures, tracking
 from imgclf.datasets import load_subset
+from imgclf.inference import predict_probs
 from imgclf.modelio import load_model
 from imgclf.params import MODEL_NAMES, load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
@@ -20,16 +21,15 @@ def write_predictions(path, pred: ev.Predictions, paths: list[str], root) -> Non
             writer.writerow([rel, pred.class_names[actual], pred.class_names[predicted], f"{conf:.4f}"])
 
 
-def evaluate_model(name, layout, params, test_cache, run) -> tuple[dict, dict]:
-    model, meta = load_model(layout.model(name))
-    size, names = meta["image_size"], meta["class_names"]
+def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
+    model, info = load_model(layout.model(name))
+    size, names = info.image_size, info.class_names
     if size not in test_cache:
         test_cache[size] = load_subset(layout.split, "test", size, names)
     test = test_cache[size]
-    probs, images_per_s = ev.timed_predictions(
-        lambda x: training.predict(model, x, params.train.batch_size, params.evaluate.tta), test.images)
+    probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(model, x, info.tta), test.images)
     pred = ev.Predictions(probs, test.labels, names)
-    metrics = ev.summary_metrics(pred, params.evaluate.calibration_bins)
+    metrics = ev.summary_metrics(pred, config.calibration_bins)
     metrics["throughput_images_per_s"] = round(images_per_s, 2)
     metrics["params_total"] = int(model.count_params())
     metrics["model_file_mb"] = round(layout.model(name).stat().st_size / 2**20, 3)
@@ -48,7 +48,7 @@ def evaluate_model(name, layout, params, test_cache, run) -> tuple[dict, dict]:
             fpr, tpr, _ = ev.skm.roc_curve(test.labels == c, probs[:, c])
             curves[label] = (fpr, tpr, ev.skm.auc(fpr, tpr))
     figures.roc_curves(curves, plots / f"{name}_roc.png", f"{name}: one-vs-rest ROC")
-    wrong = ev.confidently_wrong(pred, params.evaluate.gallery_size)
+    wrong = ev.confidently_wrong(pred, config.gallery_size)
     figures.image_grid(
         [(test.paths[i], f"true {names[test.labels[i]]}\npred {names[pred.predicted[i]]} "
                          f"{pred.confidence[i]:.2f}") for i in wrong],
@@ -57,7 +57,7 @@ def evaluate_model(name, layout, params, test_cache, run) -> tuple[dict, dict]:
     diagnostics = {
         "per_class": rows,
         "most_confused_pairs": ev.most_confused_pairs(matrix, names),
-        "weak_classes": ev.weak_classes(rows, params.evaluate.f1_threshold),
+        "weak_classes": ev.weak_classes(rows, config.f1_threshold),
         "most_confident_errors": [{"path": test.paths[i], "actual": names[test.labels[i]],
                                    "predicted": names[pred.predicted[i]],
                                    "confidence": round(float(pred.confidence[i]), 4)} for i in wrong],
@@ -72,7 +72,7 @@ def main() -> None:
     with tracking.stage_run("evaluate", params, layout.root) as run:
         results, diagnostics, cache = {}, {}, {}
         for name in MODEL_NAMES:
-            results[name], diagnostics[name] = evaluate_model(name, layout, params, cache, run)
+            results[name], diagnostics[name] = evaluate_model(name, layout, params.evaluate, cache, run)
         write_json(layout.metrics("evaluate"), results)
         reports = layout.reports("evaluate")
         write_json(reports / "diagnostics.json", diagnostics)

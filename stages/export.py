@@ -15,11 +15,11 @@ def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     with tracking.stage_run("export", params, layout.root) as run:
-        model, meta = load_model(layout.model("finetune"))
-        test = load_subset(layout.split, "test", meta["image_size"], meta["class_names"])
+        model, info = load_model(layout.model("finetune"))
+        test = load_subset(layout.split, "test", info.image_size, info.class_names)
         pick = np.linspace(0, len(test) - 1, min(PARITY_IMAGES, len(test))).astype(int)
-        report = export_all(model, meta["class_names"], meta["image_size"], layout.models / "export",
-                            params.export.quantization, test.images[pick].astype(np.float32))
+        report = export_all(model, info, layout.models / "export", params.export.quantization,
+                            test.images[pick].astype(np.float32))
         write_json(layout.metrics("export"), report)
         run.log_metrics({f"{fmt}_{k}": v for fmt, values in report.items() for k, v in values.items()})
     for fmt, values in report.items():

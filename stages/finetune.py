@@ -1,4 +1,6 @@
 """DVC stage `finetune`: unfreeze the top of the backbone -> models/finetune.keras."""
+import dataclasses
+
 from imgclf import tracking, training
 from imgclf.datasets import load_train_val
 from imgclf.modelio import load_model
@@ -10,14 +12,16 @@ from imgclf.project import Layout, project_root, run_stage
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
-    training.configure(params)
+    training.configure(params.seed, params.train)
     with tracking.stage_run("finetune", params, layout.root) as run:
         with training.strategy().scope():
-            model, metadata = load_model(layout.model("head"))
-        names, size = metadata["class_names"], metadata["image_size"]
-        train, val = load_train_val(layout.split, size, names)
-        result = training.train_finetune(model, train, val, params)
-        save_training_outputs(layout, "finetune", result, params, names, size, run)
+            model, head_info = load_model(layout.model("head"))
+        # backbone, classes and input size come from the head model, not from params
+        train, val = load_train_val(layout.split, head_info.image_size, head_info.class_names)
+        result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
+                                         params.seed)
+        info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta)
+        save_training_outputs(layout, result, info, run)
 
 
 if __name__ == "__main__":

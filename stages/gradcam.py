@@ -4,25 +4,26 @@ import numpy as np
 from imgclf import figures, tracking
 from imgclf.datasets import load_subset
 from imgclf.gradcam import gradcam, pick_examples
+from imgclf.inference import predict_probs
 from imgclf.modelio import load_model
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
 
 
-def draw(name: str, layout: Layout, count: int, batch_size: int) -> None:
-    model, meta = load_model(layout.model(name))
-    names = meta["class_names"]
-    test = load_subset(layout.split, "test", meta["image_size"], names)
-    probs = model.predict(test.images.astype(np.float32), batch_size=batch_size, verbose=0)
+def draw(name: str, layout: Layout, count: int) -> None:
+    model, info = load_model(layout.model(name))
+    names = info.class_names
+    test = load_subset(layout.split, "test", info.image_size, names)
+    probs = predict_probs(model, test.images, info.tta)  # what evaluate measured and predict serves
     chosen = pick_examples(test.labels, probs, count)
-    heatmaps, probs = gradcam(model, test.images[chosen].astype(np.float32))
-    predicted = probs.argmax(axis=1)
-    captions = [f"true {names[test.labels[i]]}\npred {names[p]} {probs[k, p]:.2f}"
-                for k, (i, p) in enumerate(zip(chosen, predicted))]
+    heatmaps, _ = gradcam(model, test.images[chosen].astype(np.float32))
+    predicted = probs[chosen].argmax(axis=1)
+    captions = [f"true {names[test.labels[i]]}\npred {names[p]} {probs[i, p]:.2f}"
+                for i, p in zip(chosen, predicted)]
     colors = ["green" if test.labels[i] == p else "red" for i, p in zip(chosen, predicted)]
     figures.overlay_grid(test.images[chosen], heatmaps, captions, colors,
                          layout.plots("gradcam") / f"{name}.png",
-                         title=f"Grad-CAM, {name} ({meta['backbone']}): green right, red wrong")
+                         title=f"Grad-CAM, {name} ({info.backbone}): green right, red wrong")
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     names = ["finetune"] + (["baseline"] if params.gradcam.include_baseline else [])
     with tracking.stage_run("gradcam", params, layout.root) as run:
         for name in names:
-            draw(name, layout, params.gradcam.num_images, params.train.batch_size)
+            draw(name, layout, params.gradcam.num_images)
         run.log_artifacts(layout.plots("gradcam"), "gradcam")
 
 

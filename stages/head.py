@@ -1,6 +1,7 @@
 """DVC stage `head`: frozen backbone, train the classification head -> models/head.keras."""
-from imgclf import tracking, training
+from imgclf import models, tracking, training
 from imgclf.datasets import load_train_val
+from imgclf.modelio import ModelInfo
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
@@ -9,11 +10,15 @@ from imgclf.project import Layout, project_root, run_stage
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
-    training.configure(params)
+    training.configure(params.seed, params.train)
+    models.fetch_weights(params.model)  # a missing weights file fails here, before any decoding
     with tracking.stage_run("head", params, layout.root) as run:
-        train, val = load_train_val(layout.split, params.model.image_size)
-        result = training.train_head(train, val, params)
-        save_training_outputs(layout, "head", result, params, train.class_names, params.model.image_size, run)
+        size = params.model.image_size
+        train, val = load_train_val(layout.split, size)
+        result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
+                                     params.seed)
+        info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta)
+        save_training_outputs(layout, result, info, run)
 
 
 if __name__ == "__main__":

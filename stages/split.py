@@ -2,14 +2,14 @@
 from imgclf import tracking
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
-from imgclf.split import assign, list_class_images, write_split
+from imgclf.split import assign, list_class_images, read_groups, write_split
 
 
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     with tracking.stage_run("split", params, layout.root) as run:
-        assignments = assign(list_class_images(layout.raw), params.split, params.seed)
+        assignments = assign(list_class_images(layout.raw), params.split, params.seed, read_groups(layout.raw))
         counts = write_split(assignments, layout.split)
         write_json(layout.metrics("split"), counts)
         run.log_metrics({f"{split}_images": c["total"] for split, c in counts.items()})

@@ -18,15 +18,16 @@ from conftest import COLORS, make_image, tiny_params
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 training.strategy = lambda: mirrored
 params = params_from_dict(tiny_params())
-training.configure(params)
+training.configure(params.seed, params.train)
+sections = (params.train, params.augment, params.seed)
 images = np.stack([make_image(c * 100 + i, COLORS[c], 32) for c in range(3) for i in range(8)])
 labels = np.repeat(np.arange(3, dtype=np.int32), 8)
 data = ImageSet(images, labels, [""] * 24, ["a", "b", "c"])
-base = training.train_baseline(data, data, params)
-head = training.train_head(data, data, params, use_cache=False)
-cached = training.train_head(data, data, params, use_cache=True)
+base = training.train_baseline(data, data, params.baseline, *sections)
+head = training.train_head(data, data, params.model, params.head, *sections, use_cache=False)
+cached = training.train_head(data, data, params.model, params.head, *sections, use_cache=True)
 with mirrored.scope():
-    tuned = training.train_finetune(head.model, data, data, params)
+    tuned = training.train_finetune(head.model, data, data, params.finetune, *sections)
 assert mirrored.num_replicas_in_sync == 2
 for result in (base, head, cached, tuned):
     assert result.epochs_run == 1 and np.isfinite(result.history["loss"]).all()

@@ -48,10 +48,10 @@ def test_comparison_rows_and_verdict():
     rows = ev.comparison_rows(
         {"baseline": {"accuracy": 0.7, "macro_f1": 0.69, "params_total": 10},
          "finetune": {"accuracy": 0.93, "macro_f1": 0.93, "params_total": 20}},
-        {"baseline": {"best_train_accuracy": 0.9, "best_val_accuracy": 0.7, "train_seconds": 10},
-         "finetune": {"best_train_accuracy": 0.95, "best_val_accuracy": 0.94, "train_seconds": 5}})
+        {"baseline": {"best_epoch": 3, "train_accuracy": 0.9, "val_accuracy": 0.7, "train_seconds": 10},
+         "finetune": {"best_epoch": 2, "train_accuracy": 0.95, "val_accuracy": 0.94, "train_seconds": 5}})
     assert rows[0]["overfitting_gap"] == pytest.approx(0.2) and rows[0]["verdict"].startswith("overfits")
-    assert rows[1]["verdict"].startswith("fits well")
+    assert rows[1]["verdict"].startswith("fits well") and rows[0]["kept_epoch"] == 3
     text = ev.comparison_summary(rows)
     assert "**finetune**" in text and "+23.0 accuracy points" in text
     assert ev.markdown_table(rows).count("\n") == 4

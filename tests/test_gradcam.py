@@ -24,7 +24,7 @@ def test_heatmap_peaks_inside_the_deciding_patch():
     from imgclf.datasets import to_dataset
 
     params = params_from_dict(tiny_params(baseline={"image_size": SIZE, "filters": [16, 32]}))
-    training.configure(params)
+    training.configure(params.seed, params.train)
     images, labels, _ = patch_images(256, 0)
     model = models.build_baseline(params.baseline, 2)
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])

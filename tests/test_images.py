@@ -69,3 +69,79 @@ def test_decode_resizes_any_size_to_a_square(tmp_path):
     path = tmp_path / "wide.jpg"
     Image.fromarray(make_image(3, (10, 200, 10), 64)).resize((120, 50)).save(path)
     assert decode_rgb(path, 32).shape == (32, 32, 3)
+
+
+def _upright_test_image() -> Image.Image:
+    """40 x 24, asymmetric in both directions: red, green on top, blue below."""
+    up = np.zeros((24, 40, 3), np.uint8)
+    up[:12, :20], up[:12, 20:], up[12:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    return Image.fromarray(up)
+
+
+T = Image.Transpose
+# what a camera stores for each EXIF orientation tag, given the upright scene
+STORED_AS = {1: None, 2: T.FLIP_LEFT_RIGHT, 3: T.ROTATE_180, 4: T.FLIP_TOP_BOTTOM, 5: T.TRANSPOSE,
+             6: T.ROTATE_90, 7: T.TRANSVERSE, 8: T.ROTATE_270}
+
+
+def tagged_jpeg(tag: int) -> bytes:
+    image = _upright_test_image()
+    stored = image if STORED_AS[tag] is None else image.transpose(STORED_AS[tag])
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    return encode(stored, "JPEG", quality=95, exif=exif)
+
+
+@pytest.mark.parametrize("tag", sorted(STORED_AS))
+def test_exif_orientation_is_applied_wherever_images_are_decoded(tag, tmp_path):
+    from imgclf.images import load_images
+    from imgclf.predict import load_batch
+
+    expected = decode_rgb(encode(_upright_test_image(), "PNG"), 32).astype(int)
+    data = tagged_jpeg(tag)
+    path = tmp_path / f"tag{tag}.jpg"
+    path.write_bytes(data)
+    info = inspect_bytes(data)
+    assert (info.width, info.height) == (40, 24)  # as shown, not as stored
+    batch, good, bad = load_batch([path], 32)
+    for decoded in (decode_rgb(data, 32), load_images([path], 32)[0], batch[0]):  # stages / predict
+        assert np.abs(decoded.astype(int) - expected).mean() < 20, f"tag {tag} not upright"  # wrong: ~100
+
+
+def smooth_image(seed: int, size: int = 96) -> Image.Image:
+    """A photo-like image: random low-frequency colour fields (no two seeds alike)."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (5, 5, 3)).astype(np.uint8))
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def bits_apart(a: bytes, b: bytes) -> int:
+    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+def test_perceptual_hash_sees_resized_reencoded_and_cropped_copies_and_tells_others_apart():
+    from imgclf.images import near_duplicate_groups
+
+    original = smooth_image(1)
+    copies = [original.resize((60, 60), Image.Resampling.LANCZOS),  # resized
+              original,  # re-encoded at low quality below
+              original.crop((2, 2, 94, 94))]  # slightly cropped
+    hashes = [inspect_bytes(encode(original, "PNG")).dhash]
+    hashes += [inspect_bytes(encode(copy, "JPEG", quality=50)).dhash for copy in copies]
+    others = [inspect_bytes(encode(smooth_image(seed), "PNG")).dhash for seed in range(2, 12)]
+    assert max(bits_apart(hashes[0], h) for h in hashes[1:]) <= 10
+    assert min(bits_apart(a, b) for i, a in enumerate(others) for b in others[i + 1:] + hashes[:1]) > 30
+    groups = near_duplicate_groups(hashes + others, 10)
+    assert groups == [[0, 1, 2, 3]]
+    assert near_duplicate_groups(hashes + others, 0) == []
+
+
+@pytest.mark.parametrize("tag", [3, 6, 8])
+def test_the_perceptual_hash_is_taken_of_the_upright_image(tag):
+    scene = smooth_image(7)
+    exif = Image.Exif()
+    exif[0x0112] = tag
+    stored = scene.transpose(STORED_AS[tag])
+    tagged = inspect_bytes(encode(stored, "JPEG", quality=90, exif=exif)).dhash
+    assert bits_apart(tagged, inspect_bytes(encode(scene, "PNG")).dhash) <= 10
+    assert bits_apart(tagged, inspect_bytes(encode(stored, "PNG")).dhash) > 30

@@ -94,3 +94,36 @@ def test_flat_params_for_tracking():
     flat = load_params(ROOT / "params.yaml").flat()
     assert flat["model.backbone"] == "efficientnetb0"
     assert flat["baseline.filters"] == [32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("section,key", [("finetune", "patience"), ("train", "tta"), ("data", "sha256")])
+def test_a_key_missing_from_params_yaml_is_an_error_naming_it(section, key):
+    raw = committed()
+    del raw[section][key]
+    with pytest.raises(ParamsError, match=rf"params.yaml: {section}.{key}: missing"):
+        params_from_dict(raw)
+
+
+def test_a_missing_section_or_seed_is_an_error_naming_it():
+    raw = committed()
+    del raw["gradcam"]
+    with pytest.raises(ParamsError, match=r"params.yaml: gradcam: missing"):
+        params_from_dict(raw)
+    raw = committed()
+    del raw["seed"]
+    with pytest.raises(ParamsError, match=r"params.yaml: seed: missing"):
+        params_from_dict(raw)
+
+
+def test_the_dataclasses_hold_no_defaults():
+    """params.yaml is the one source of defaults: no second copy in the code."""
+    import dataclasses
+
+    from imgclf import params as module
+
+    for name in dir(module):
+        cls = getattr(module, name)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            for f in dataclasses.fields(cls):
+                assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
+                    f"{name}.{f.name} has a default"

@@ -67,6 +67,40 @@ def test_second_repro_does_nothing(project):
     assert "up to date" in dvc(project, "status").stdout
 
 
+def test_editing_the_decoder_marks_every_stage_that_decodes_images_as_changed(project):
+    images = project / "imgclf" / "images.py"
+    original = images.read_text()
+    assert "Image.Resampling.BILINEAR" in original
+    images.write_text(original.replace("Image.Resampling.BILINEAR", "Image.Resampling.BICUBIC"))
+    try:
+        changed = set(json.loads(dvc(project, "status", "--json").stdout))
+    finally:
+        images.write_text(original)
+    assert {"download", "split", "baseline", "head", "finetune", "evaluate", "gradcam", "export"} <= changed
+    assert "up to date" in dvc(project, "status").stdout
+
+
+def test_a_params_key_removed_stops_the_stage_naming_it(project):
+    import yaml
+
+    params = project / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    del raw["finetune"]["patience"]
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        result = dvc(project, "repro", "finetune", check=False)
+    finally:
+        # dvc repro removed the stage's outputs before running it: metrics and plots (cache: false)
+        # come back from git, the model from the DVC cache
+        run(["git", "checkout", "-q", "--", "."], project)
+        dvc(project, "checkout", "-f")
+    assert result.returncode != 0
+    assert "params.yaml: finetune.patience: missing" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "up to date" in dvc(project, "status").stdout
+
+
 def test_predict_command_on_a_folder(project, tmp_path):
     for i in range(3):
         Image.fromarray(make_image(900 + i, COLORS[i], 40)).save(tmp_path / f"new_{i}.png")

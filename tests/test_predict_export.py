@@ -9,7 +9,8 @@ from PIL import Image
 from imgclf import models, training
 from imgclf.datasets import to_dataset
 from imgclf.export import export_all, saved_model_predictor, tflite_predictor
-from imgclf.modelio import save_model
+from imgclf.inference import predict_probs
+from imgclf.modelio import ModelInfo, save_model
 from imgclf.params import params_from_dict
 from imgclf.predict import main as predict_main
 from imgclf.predict import predict_files
@@ -21,14 +22,27 @@ NAMES = ["red", "green", "blue"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     params = params_from_dict(tiny_params())
-    training.configure(params)
+    training.configure(params.seed, params.train)
     images = np.stack([make_image(c * 100 + i, COLORS[c], 32) for c in range(3) for i in range(16)])
     labels = np.repeat(np.arange(3), 16)
     model = models.build_transfer_model(params.model, 3)
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(to_dataset(images, labels, 3, 8, shuffle=True), epochs=2, verbose=0)
-    path = tmp_path_factory.mktemp("model") / "finetune.keras"
-    save_model(model, path, {"class_names": NAMES, "image_size": 32, "stage": "finetune"})
+    folder = tmp_path_factory.mktemp("model")
+    path, tta_path = folder / "finetune.keras", folder / "finetune_tta.keras"
+    save_model(model, path, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=False))
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def asymmetric(tmp_path_factory):
+    """A model whose output changes when the image is mirrored (a random-weight CNN: the tiny
+    trained MobileNetV2 above is nearly constant at 32 px), saved with tta on."""
+    params = params_from_dict(tiny_params())
+    training.configure(params.seed, params.train)
+    model = models.build_baseline(params.baseline, 3)
+    path = tmp_path_factory.mktemp("tta") / "tta.keras"
+    save_model(model, path, ModelInfo("baseline", "baseline_cnn", NAMES, 32, tta=True))
     return model, path
 
 
@@ -84,13 +98,60 @@ def test_predictions_match_the_model(trained, tmp_path):
 
 def test_missing_model_is_a_usage_error(tmp_path, capsys):
     assert predict_main([str(tmp_path), "--model", str(tmp_path / "none.keras")]) == 2
-    assert "model not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model file not found" in err and str(tmp_path / "none.keras") in err
+
+
+@pytest.mark.parametrize("kind", ["text", "no_metadata", "old_metadata"])
+def test_a_bad_model_file_is_one_line_naming_it(trained, tmp_path, kind):
+    import subprocess
+    import sys
+    import zipfile
+
+    model, good = trained
+    bad = tmp_path / "bad.keras"
+    if kind == "text":
+        bad.write_text("not a model")
+        expected = "not a .keras model file"
+    elif kind == "no_metadata":
+        model.save(bad)
+        expected = "has no imgclf.json"
+    else:
+        model.save(bad)
+        with zipfile.ZipFile(bad, "a") as archive:
+            archive.writestr("imgclf.json", json.dumps({"class_names": NAMES, "image_size": 32}))
+        expected = "lacks stage, backbone, tta"
+    image = tmp_path / "x.png"
+    Image.fromarray(make_image(1, COLORS[0], 32)).save(image)
+    result = subprocess.run([sys.executable, "-m", "imgclf.predict", str(image), "--model", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    # TensorFlow's own start-up lines (absl, oneDNN) also go to stderr; ours is one line
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: {bad}: ") and expected in lines[0], lines[0]
+
+
+def test_predict_serves_test_time_augmentation_when_the_model_says_so(asymmetric, tmp_path):
+    model, tta_path = asymmetric
+    image = make_image(8, COLORS[2], 32)
+    image[:, :16] = 0  # not symmetric: the mirrored image gives other probabilities
+    Image.fromarray(image).save(tmp_path / "x.png")
+    out = io.StringIO()
+    predict_files(tta_path, [str(tmp_path / "x.png")], k=3, as_json=True, out=out, err=io.StringIO())
+    served = {r["label"]: r["confidence"] for r in json.loads(out.getvalue())["top_k"]}
+    plain = model.predict(image[None].astype(np.float32), verbose=0)[0]
+    mirrored = model.predict(image[None, :, ::-1].astype(np.float32), verbose=0)[0]
+    assert not np.allclose(plain, mirrored, atol=1e-4)
+    for i, name in enumerate(NAMES):
+        assert served[name] == pytest.approx((plain[i] + mirrored[i]) / 2, abs=1e-5)
 
 
 def test_exported_formats_match_keras(trained, tmp_path):
     model, _ = trained
     images = np.stack([make_image(50 + i, COLORS[i % 3], 32) for i in range(6)]).astype(np.float32)
-    report = export_all(model, NAMES, 32, tmp_path / "export", "float16", images)
+    report = export_all(model, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=False),
+                        tmp_path / "export", "float16", images)
     assert (tmp_path / "export" / "saved_model" / "saved_model.pb").exists()
     assert json.loads((tmp_path / "export" / "class_names.json").read_text())["class_names"] == NAMES
     reference = model.predict(images, verbose=0)
@@ -102,3 +163,16 @@ def test_exported_formats_match_keras(trained, tmp_path):
     assert report["tflite_float16"]["size_mb"] < report["tflite_float32"]["size_mb"]
     for fmt in ("saved_model", "tflite_float32", "tflite_float16"):
         assert report[fmt]["latency_ms"] > 0 and report[fmt]["top1_agreement"] >= 0.8
+
+
+def test_export_with_tta_serves_what_evaluate_measured(asymmetric, tmp_path):
+    model, _ = asymmetric
+    images = np.stack([make_image(60 + i, COLORS[i % 3], 32) for i in range(4)]).astype(np.float32)
+    images[:, :, :10] = 0
+    report = export_all(model, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=True),
+                        tmp_path / "export", "none", images)
+    expected = predict_probs(model, images, tta=True)
+    assert not np.allclose(expected, predict_probs(model, images, tta=False), atol=1e-4)
+    np.testing.assert_allclose(saved_model_predictor(tmp_path / "export" / "saved_model")(images),
+                               expected, atol=1e-5)
+    assert report["tflite_float32"]["max_abs_diff_vs_keras"] < 1e-4

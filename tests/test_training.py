@@ -6,7 +6,7 @@ import pytest
 
 from imgclf import models, training
 from imgclf.datasets import ImageSet, load_subset
-from imgclf.modelio import load_model, save_model
+from imgclf.modelio import ModelInfo, load_model, save_model
 from imgclf.params import params_from_dict
 from conftest import COLORS, make_image, tiny_params
 
@@ -23,33 +23,73 @@ def params_for(backbone="mobilenetv2", **sections):
     return params_from_dict(tiny_params(**sections))
 
 
+def configure(p):
+    training.configure(p.seed, p.train)
+
+
+def head(train, val, p, use_cache=None):
+    return training.train_head(train, val, p.model, p.head, p.train, p.augment, p.seed, use_cache)
+
+
+def baseline(train, val, p):
+    return training.train_baseline(train, val, p.baseline, p.train, p.augment, p.seed)
+
+
+def finetune(model, train, val, p):
+    return training.train_finetune(model, train, val, p.finetune, p.train, p.augment, p.seed)
+
+
+def info(names, stage="head", backbone="mobilenetv2", size=32, tta=False):
+    return ModelInfo(stage, backbone, names, size, tta)
+
+
 @pytest.mark.parametrize("backbone", ["efficientnetb0", "mobilenetv2", "resnet50"])
 def test_backbone_builds_trains_saves_and_reloads_in_safe_mode(backbone, tmp_path):
     params = params_for(backbone)
-    training.configure(params)
+    configure(params)
     train, val = tiny_set(), tiny_set(seed=50)
-    result = training.train_head(train, val, params, use_cache=False)
+    result = head(train, val, params, use_cache=False)
     assert result.epochs_run == 1
     path = tmp_path / f"{backbone}.keras"
-    save_model(result.model, path, {"class_names": train.class_names, "image_size": 32})
+    save_model(result.model, path, info(train.class_names, backbone=backbone))
     reloaded, metadata = load_model(path)
     raw = val.images[:5].astype("float32")  # raw pixels 0..255
     expected = result.model.predict(raw, verbose=0)
     got = reloaded.predict(raw, verbose=0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert got.shape == (5, 3) and np.allclose(got.sum(axis=1), 1, atol=1e-5)
-    assert metadata["class_names"] == ["c0", "c1", "c2"]
-    # plain Keras, safe mode, after importing the package (which registers its layers)
-    keras.models.load_model(path, safe_mode=True)
+    assert metadata.class_names == ["c0", "c1", "c2"] and metadata.backbone == backbone
+    # plain Keras, safe mode, in a process that imports nothing of this project
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "raw.npy", raw)
+    code = ("import sys, keras, numpy as np; m = keras.models.load_model('model.keras', safe_mode=True); "
+            "np.save('out.npy', m.predict(np.load('raw.npy'), verbose=0)); "
+            "assert not [k for k in sys.modules if k.startswith('imgclf')]")
+    path.rename(tmp_path / "model.keras")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resnet50_preprocessing_equals_keras_own():
+    params = params_for("resnet50")
+    model = models.build_transfer_model(params.model, 3)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    got = keras.Model(model.input, model.get_layer("preprocessing").output)(x)
+    expected = keras.applications.resnet50.preprocess_input(x.copy())
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+    assert not model.get_layer("preprocessing").trainable_weights
 
 
 def test_head_training_leaves_the_frozen_backbone_unchanged():
     params = params_for(head={"learning_rate": 1e-2})
     train, val = tiny_set(), tiny_set(seed=50)
-    training.configure(params)  # same seed: the same initial weights as train_head's model
+    configure(params)  # same seed: the same initial weights as train_head's model
     initial = models.build_transfer_model(params.model, 3)
-    training.configure(params)
-    result = training.train_head(train, val, params, use_cache=False)
+    configure(params)
+    result = head(train, val, params, use_cache=False)
     for before, after in zip(models.find_backbone(initial).weights, models.find_backbone(result.model).weights):
         np.testing.assert_array_equal(before.numpy(), after.numpy())
     head_before = initial.get_layer("predictions").kernel.numpy()
@@ -59,9 +99,9 @@ def test_head_training_leaves_the_frozen_backbone_unchanged():
 @pytest.mark.parametrize("cached", [True, False])
 def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached):
     params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "cache_activations": cached})
-    training.configure(params)
+    configure(params)
     train, val = tiny_set(), tiny_set(seed=50)
-    model = training.train_head(train, val, params).model
+    model = head(train, val, params).model
     backbone = models.find_backbone(model)
     bn = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
     stats_before = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bn]
@@ -70,7 +110,7 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached):
     low_conv = [l for l in backbone.layers[:-20] if isinstance(l, keras.layers.Conv2D)][0]
     low_before = low_conv.kernel.numpy().copy()
 
-    result = training.train_finetune(model, train, val, params)
+    result = finetune(model, train, val, params)
 
     for layer, (mean, var) in zip(bn, stats_before):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
@@ -98,10 +138,10 @@ def test_backbone_split_is_exact_and_shares_layers():
 def test_cached_feature_head_matches_the_uncached_path():
     params = params_for(model={"dropout": 0.0}, head={"epochs": 3, "patience": 0, "learning_rate": 1e-2})
     train, val = tiny_set(n_per_class=10), tiny_set(seed=50)
-    training.configure(params)
-    cached = training.train_head(train, val, params, use_cache=True)
-    training.configure(params)
-    uncached = training.train_head(train, val, params, use_cache=False)
+    configure(params)
+    cached = head(train, val, params, use_cache=True)
+    configure(params)
+    uncached = head(train, val, params, use_cache=False)
     assert cached.extra["cached_features"] == 1 and uncached.extra["cached_features"] == 0
     np.testing.assert_allclose(cached.history["loss"], uncached.history["loss"], rtol=2e-3)
     np.testing.assert_allclose(cached.history["val_loss"], uncached.history["val_loss"], rtol=2e-3)
@@ -115,9 +155,9 @@ def test_cached_feature_head_matches_the_uncached_path():
 def test_baseline_learns_colour_classes():
     params = params_for(baseline={"epochs": 8, "patience": 0, "learning_rate": 3e-3},
                         augment={"rotation": 0.0, "zoom": 0.0, "contrast": 0.0})
-    training.configure(params)
+    configure(params)
     train, val = tiny_set(n_per_class=16), tiny_set(seed=70)
-    result = training.train_baseline(train, val, params)
+    result = baseline(train, val, params)
     assert result.epochs_run == 8
     assert result.history["accuracy"][-1] > result.history["accuracy"][0]
     assert max(result.history["val_accuracy"]) >= 0.6
@@ -129,14 +169,14 @@ def test_baseline_learns_colour_classes():
 def test_baseline_cosine_schedule_decays_to_zero_and_stem_stride_halves_the_map():
     params = params_for(baseline={"epochs": 4, "patience": 0, "lr_schedule": "cosine", "learning_rate": 0.01,
                                   "stem_stride": 2, "filters": [8, 16]})
-    training.configure(params)
-    result = training.train_baseline(tiny_set(), tiny_set(seed=60), params)
+    configure(params)
+    result = baseline(tiny_set(), tiny_set(seed=60), params)
     rates = result.history["learning_rate"]  # the rate after each epoch's last step
     assert rates == sorted(rates, reverse=True) and rates[0] < 0.01 and rates[-1] == pytest.approx(0, abs=1e-9)
     assert result.model.get_layer("block0_conv0").output.shape[1:3] == (16, 16)  # 32 px input
     constant = params_for(baseline={"epochs": 2, "patience": 0, "lr_schedule": "constant", "learning_rate": 0.01,
                                     "stem_stride": 1, "filters": [8, 16]})
-    result = training.train_baseline(tiny_set(), tiny_set(seed=60), constant)
+    result = baseline(tiny_set(), tiny_set(seed=60), constant)
     assert result.history["learning_rate"] == pytest.approx([0.01, 0.01])
     assert result.model.get_layer("block0_conv0").output.shape[1:3] == (32, 32)
 
@@ -173,9 +213,34 @@ def test_separable_baseline_saves_reloads_and_explains(tmp_path):
     model = models.build_baseline(params.baseline, 3)
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("SeparableConv2D") == 4 and kinds.count("Conv2D") == 2
-    save_model(model, tmp_path / "b.keras", {"class_names": ["a", "b", "c"], "image_size": 32})
+    save_model(model, tmp_path / "b.keras", info(["a", "b", "c"], "baseline", "baseline_cnn"))
     reloaded, _ = load_model(tmp_path / "b.keras")
     x = tiny_set().images[:3].astype("float32")
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
     heat, _ = gradcam(reloaded, x)
     assert heat.shape == (3, 32, 32)
+
+
+def test_summary_reports_the_kept_epoch_not_maxima_over_epochs():
+    """The checkpoint keeps the lowest val_loss; the metrics must describe that epoch."""
+    history = {"loss": [1.0, 0.6, 0.3, 0.1], "val_loss": [0.9, 0.5, 0.7, 0.8],
+               "accuracy": [0.5, 0.7, 0.9, 0.99], "val_accuracy": [0.6, 0.8, 0.85, 0.84]}
+    model = models.build_baseline(params_for().baseline, 3)
+    summary = training.TrainResult(model, history, 1.0).summary()
+    assert summary["best_epoch"] == 2
+    assert (summary["train_accuracy"], summary["val_accuracy"]) == (0.7, 0.8)
+    assert (summary["train_loss"], summary["val_loss"]) == (0.6, 0.5)
+    assert "best_val_accuracy" not in summary and "best_train_accuracy" not in summary
+
+
+def test_the_kept_weights_are_those_of_the_reported_epoch():
+    params = params_for(baseline={"epochs": 4, "patience": 0, "learning_rate": 0.05, "lr_schedule": "constant"})
+    configure(params)
+    train, val = tiny_set(), tiny_set(seed=50)
+    result = baseline(train, val, params)
+    summary = result.summary()
+    result.model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing))
+    from imgclf.datasets import to_dataset
+
+    loss = result.model.evaluate(to_dataset(val.images, val.labels, 3, 8), verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(summary["val_loss"], rel=1e-4)

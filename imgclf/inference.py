@@ -1,0 +1,36 @@
+"""The one inference path: evaluate, Grad-CAM, `predict` and the export parity check all call
+:func:`predict_probs`, and export serves :func:`serving_function`, so every consumer gets
+exactly what `evaluate` measured (test-time augmentation included when the model says so)."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from .datasets import image_batches
+
+# Inference-only passes use larger batches than training: a little faster on CPU, and the
+# batch size cannot change a prediction (no batch statistics at inference).
+INFERENCE_BATCH = 64
+
+
+def serving_function(model: keras.Model, tta: bool):
+    """``images (N, H, W, 3) float32 0..255 -> probabilities``; with ``tta`` the mean of the
+    predictions for the images and their horizontal mirror images."""
+    import tensorflow as tf
+
+    if not tta:
+        return lambda images: model(images, training=False)
+    return lambda images: (model(images, training=False)
+                           + model(tf.reverse(images, axis=[2]), training=False)) / 2
+
+
+def predict_probs(model: keras.Model, images: np.ndarray, tta: bool,
+                  batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+    """Class probabilities for uint8 or float images in 0..255 (cast to float32 per batch)."""
+    if len(images) == 0:
+        return np.empty((0, model.output.shape[-1]), np.float32)
+    probs = model.predict(image_batches(images, batch_size), verbose=0)
+    if tta:
+        mirrored = np.ascontiguousarray(images[:, :, ::-1])
+        probs = (probs + model.predict(image_batches(mirrored, batch_size), verbose=0)) / 2
+    return probs
