@@ -105,3 +105,23 @@ def learning_curves(histories: dict[str, dict[str, list[float]]], path: Path) ->
             ax.set_title(metric)
     axes[1].legend(fontsize=7)
     _save(fig, path)
+
+
+def reliability_diagram(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path,
+                        title: str = "") -> None:
+    """Accuracy against mean confidence per confidence bin, one line per
+    ``label -> (mean confidence, accuracy, count)`` per bin (empty bins are skipped); on the
+    diagonal, confidence matches accuracy."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+    for label, (confidence, accuracy, counts) in curves.items():
+        shown = counts > 0
+        ax.plot(confidence[shown], accuracy[shown], marker="o", label=label)
+    ax.set_xlabel("mean confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    _save(fig, path)

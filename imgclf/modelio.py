@@ -35,6 +35,7 @@ class ModelInfo:
     class_names: list[str]
     image_size: int
     tta: bool  # predictions averaged with the horizontally mirrored image
+    temperature: float = 1.0  # already folded into the last layer's weights (1: not calibrated)
     input: str = "RGB uint8 or float in 0..255, shape (H, W, 3) at image_size"
 
     def as_dict(self) -> dict:

@@ -113,6 +113,7 @@ class TrainParams:
     mixed_precision: bool
     label_smoothing: float
     tta: bool  # stored in each model's metadata: every inference path serves what evaluate measured
+    calibrate: bool  # temperature scaling on the validation split, folded into the last layer
 
     def validate(self, key: str) -> None:
         _positive(self.batch_size, f"{key}.batch_size")

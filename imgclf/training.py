@@ -9,7 +9,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import models
+from . import calibration, models
 from .augment import augmentation
 from .datasets import ImageSet, image_batches, to_dataset
 from .inference import INFERENCE_BATCH
@@ -213,3 +213,14 @@ def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, f
                                finetune.reduce_lr_patience, steps_per_epoch=steps)
     extra["activation_seconds"] = round(extract_seconds, 2)
     return TrainResult(model, history, extract_seconds + fit_seconds, extra)
+
+
+def calibrate(result: TrainResult, val_set: ImageSet, enabled: bool) -> float:
+    """Fit a temperature on the validation images and fold it into ``result.model`` (when
+    ``enabled``); its numbers join the training metrics. Returns the temperature (1: off)."""
+    if not enabled:
+        return 1.0
+    started = time.perf_counter()
+    fitted = calibration.calibrate(result.model, val_set)
+    result.extra.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
+    return fitted["temperature"]

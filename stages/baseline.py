@@ -15,7 +15,8 @@ def main() -> None:
         size = params.baseline.image_size
         train, val = load_train_val(layout.split, size)
         result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed)
-        info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta)
+        temperature = training.calibrate(result, val, params.train.calibrate)
+        info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta, temperature)
         save_training_outputs(layout, result, info, run)
 
 

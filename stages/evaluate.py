@@ -3,6 +3,7 @@ import csv
 import json
 
 from imgclf import evaluation as ev
+from imgclf.calibration import uncalibrated
 from imgclf import figures, tracking
 from imgclf.datasets import load_subset
 from imgclf.inference import predict_probs
@@ -30,6 +31,9 @@ def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
     probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(model, x, info.tta), test.images)
     pred = ev.Predictions(probs, test.labels, names)
     metrics = ev.summary_metrics(pred, config.calibration_bins)
+    before = uncalibrated(probs, info.temperature)
+    metrics["ece_uncalibrated"] = ev.expected_calibration_error(before, test.labels, config.calibration_bins)
+    metrics["temperature"] = info.temperature
     metrics["throughput_images_per_s"] = round(images_per_s, 2)
     metrics["params_total"] = int(model.count_params())
     metrics["model_file_mb"] = round(layout.model(name).stat().st_size / 2**20, 3)
@@ -48,6 +52,11 @@ def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
             fpr, tpr, _ = ev.skm.roc_curve(test.labels == c, probs[:, c])
             curves[label] = (fpr, tpr, ev.skm.auc(fpr, tpr))
     figures.roc_curves(curves, plots / f"{name}_roc.png", f"{name}: one-vs-rest ROC")
+    bins = config.calibration_bins
+    figures.reliability_diagram(
+        {f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}": ev.reliability_bins(before, test.labels, bins),
+         f"served (T = {info.temperature:.3g}), ECE {metrics['ece']:.3f}": ev.reliability_bins(probs, test.labels, bins)},
+        plots / f"{name}_reliability.png", f"{name}: reliability on the test split")
     wrong = ev.confidently_wrong(pred, config.gallery_size)
     figures.image_grid(
         [(test.paths[i], f"true {names[test.labels[i]]}\npred {names[pred.predicted[i]]} "

@@ -1,7 +1,7 @@
 """DVC stage `finetune`: unfreeze the top of the backbone -> models/finetune.keras."""
 import dataclasses
 
-from imgclf import tracking, training
+from imgclf import calibration, tracking, training
 from imgclf.datasets import load_train_val
 from imgclf.modelio import load_model
 from imgclf.outputs import save_training_outputs
@@ -16,11 +16,13 @@ def main() -> None:
     with tracking.stage_run("finetune", params, layout.root) as run:
         with training.strategy().scope():
             model, head_info = load_model(layout.model("head"))
+        calibration.fold_temperature(model, 1 / head_info.temperature)  # fine-tune the head's own logits
         # backbone, classes and input size come from the head model, not from params
         train, val = load_train_val(layout.split, head_info.image_size, head_info.class_names)
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
                                          params.seed)
-        info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta)
+        temperature = training.calibrate(result, val, params.train.calibrate)
+        info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta, temperature=temperature)
         save_training_outputs(layout, result, info, run)
 
 

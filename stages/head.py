@@ -17,7 +17,8 @@ def main() -> None:
         train, val = load_train_val(layout.split, size)
         result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
                                      params.seed)
-        info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta)
+        temperature = training.calibrate(result, val, params.train.calibrate)
+        info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
         save_training_outputs(layout, result, info, run)
 
 

@@ -11,7 +11,7 @@ from conftest import COLORS, dvc, make_folder, make_image, make_project, run, ti
 
 MODELS = ("baseline", "head", "finetune")
 KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_ovr", "ece", "test_loss",
-        "throughput_images_per_s", "params_total", "model_file_mb"}
+        "throughput_images_per_s", "params_total", "model_file_mb", "ece_uncalibrated", "temperature"}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,10 @@ def test_repro_writes_every_metric_model_and_plot(project):
         header = (project / f"plots/{name}/history.csv").read_text().splitlines()[0]
         assert {"epoch", "loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(header.split(","))
     assert (project / "plots/gradcam/finetune.png").stat().st_size > 10_000
+    assert (project / "plots/evaluate/finetune_reliability.png").stat().st_size > 5_000
+    trained = json.loads((project / "metrics/finetune.json").read_text())
+    assert trained["temperature"] == metrics["finetune"]["temperature"] > 0
+    assert {"best_epoch", "train_accuracy", "val_accuracy", "val_ece_calibrated"} <= set(trained)
     assert "Best model on the test split" in (project / "reports/evaluate/comparison.md").read_text()
     assert (project / "models/export/saved_model/saved_model.pb").exists()
     assert json.loads((project / "metrics/export.json").read_text())["tflite_float32"]["top1_agreement"] >= 0.9
