@@ -7,6 +7,7 @@ launched the stage, else the stage process itself.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import time
@@ -184,14 +185,34 @@ def _attached(client: Any, run_id: str) -> Iterator[None]:
 
 
 def _find_or_create_parent(client: Any, experiment_id: str, key: str, name: str, tags: dict) -> str:
+    """The pipeline's parent run, RUNNING from now until this stage ends: created by the first
+    stage (so it starts when the pipeline starts), reopened by the next ones."""
     query = f"tags.`{PIPELINE_KEY_TAG}` = '{key}' and tags.`{RUN_KIND_TAG}` = 'pipeline'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=name,
                             tags={**tags, PIPELINE_KEY_TAG: key, RUN_KIND_TAG: "pipeline"})
-    client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a local sqlite store: hold an exclusive lock on ``<db>.lock`` while the store is
+    created and migrated and the experiment looked up or created, so parallel `dvc exp`
+    workers never race to create the same tables or experiment. Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    database = Path(uri[len("sqlite:///"):])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -210,13 +231,14 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
 
     uri = tracking_uri(root)
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    if experiment is None:
-        experiment_id = client.create_experiment(params.mlflow.experiment,
-                                                 artifact_location=artifact_location(root))
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)  # creates and migrates a new store
+        experiment = client.get_experiment_by_name(params.mlflow.experiment)
+        if experiment is None:
+            experiment_id = client.create_experiment(params.mlflow.experiment,
+                                                     artifact_location=artifact_location(root))
+        else:
+            experiment_id = experiment.experiment_id
     key, display = pipeline_key(root)
     commit = git_commit(root)
     tags = {
@@ -241,5 +263,9 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
         yield stage_tracker
     except BaseException:
         client.set_terminated(run_id, "FAILED")
+        client.set_terminated(parent_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+    # the parent ends with the stage that ended last: it spans the pipeline's first stage to
+    # its last, RUNNING while any stage runs
+    client.set_terminated(parent_id, "FINISHED")

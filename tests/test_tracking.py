@@ -97,3 +97,74 @@ def test_stages_log_to_a_real_tracking_server(small_project, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_parent_run_is_running_while_a_stage_runs_and_spans_all_stages(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from imgclf.params import params_from_dict
+    from imgclf.tracking import stage_run
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-span")
+    params = params_from_dict(tiny_params())
+    client = MlflowClient(uri)
+    with stage_run("download", params, tmp_path) as first:
+        assert client.get_run(first.parent_id).info.status == "RUNNING"
+        time.sleep(0.2)
+    assert client.get_run(first.parent_id).info.status == "FINISHED"
+    time.sleep(0.2)
+    with stage_run("split", params, tmp_path) as second:
+        assert second.parent_id == first.parent_id
+        assert client.get_run(first.parent_id).info.status == "RUNNING"
+        time.sleep(0.2)
+    parent = client.get_run(first.parent_id).info
+    children = [client.get_run(r.run_id).info for r in (first, second)]
+    assert parent.status == "FINISHED"
+    assert parent.start_time <= min(c.start_time for c in children)
+    assert parent.end_time >= max(c.end_time for c in children)
+    assert parent.end_time - parent.start_time >= 600  # ms: not the 7 ms of a run closed at birth
+
+    with pytest.raises(RuntimeError):
+        with stage_run("baseline", params, tmp_path):
+            raise RuntimeError("training blew up")
+    assert client.get_run(first.parent_id).info.status == "FAILED"
+
+
+WORKER = r'''
+import os, sys
+from imgclf.params import params_from_dict
+from imgclf.tracking import stage_run
+from conftest import tiny_params
+params = params_from_dict(tiny_params())
+for stage in ("download", "split"):
+    with stage_run(stage, params, __import__("pathlib").Path.cwd()) as run:
+        run.log_metrics({"images": 3.0})
+print("LOGGED", os.environ["DVC_EXP_NAME"])
+'''
+
+
+def test_parallel_workers_creating_the_default_store_lose_no_run(tmp_path):
+    """Six `dvc exp` workers starting at once on a project without mlflow.db: all runs land."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=tmp_path, env={**env, "DVC_EXP_NAME": f"exp-{i}"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0 and "LOGGED" in out, err[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id],
+                              max_results=100)
+    parents = [r for r in runs if r.data.tags.get("imgclf.run_kind") == "pipeline"]
+    assert sorted(r.data.tags["dvc_exp_name"] for r in parents) == [f"exp-{i}" for i in range(6)]
+    for parent in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(c.data.tags["stage"] for c in children) == ["download", "split"]
+        assert all(c.data.metrics["images"] == 3.0 for c in children)
