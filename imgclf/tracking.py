@@ -64,6 +64,22 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             "or set mlflow.enabled: false in params.yaml") from err
 
 
+def check_artifact_store(location: str) -> None:
+    """List the experiment's artifact root (an S3 bucket, a server's proxied store, a folder),
+    so a missing bucket or rejected credentials stop the stage before it trains, not when it
+    uploads its model."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(location).list_artifacts()
+    except Exception as err:  # noqa: BLE001 - boto, HTTP and filesystem errors alike
+        reason = " ".join(str(err).split())[:800]
+        kind = type(err.__cause__ or err.__context__ or err).__name__  # NoSuchBucket, not MlflowException
+        raise TrackingError(f"MLflow artifact store {location} is not usable ({kind}: {reason}). "
+                            "Check the bucket, its endpoint (MLFLOW_S3_ENDPOINT_URL) and credentials, or "
+                            "set mlflow.enabled: false in params.yaml") from None
+
+
 def git_commit(root: Path) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -237,8 +253,9 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
         if experiment is None:
             experiment_id = client.create_experiment(params.mlflow.experiment,
                                                      artifact_location=artifact_location(root))
-        else:
-            experiment_id = experiment.experiment_id
+            experiment = client.get_experiment(experiment_id)
+        experiment_id = experiment.experiment_id
+    check_artifact_store(experiment.artifact_location)
     key, display = pipeline_key(root)
     commit = git_commit(root)
     tags = {
