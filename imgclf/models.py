@@ -71,7 +71,7 @@ def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
         model = with_retries(build, f"the ImageNet weights of {backbone} ({file})",
                              f"Offline: copy {file} into {cache}/ (Keras looks there before downloading), "
                              "or set model.weights: none to start from random weights",
-                             delays=RETRY_DELAYS[1:])
+                             delays=RETRY_DELAYS[1:], tried_before=1)  # 3 attempts in all
     model.name = BACKBONE_LAYER
     return model
 

@@ -45,8 +45,9 @@ def short_reason(err: BaseException) -> str:
 
 
 def with_retries(fetch: Callable[[], T], what: str, offline: str,
-                 delays: tuple[float, ...] = RETRY_DELAYS) -> T:
-    """``fetch()``, retried after each of ``delays`` on a transient error; then NetworkError."""
+                 delays: tuple[float, ...] = RETRY_DELAYS, tried_before: int = 0) -> T:
+    """``fetch()``, retried after each of ``delays`` on a transient error; then NetworkError.
+    ``tried_before``: failed attempts the caller already made (counted in the message)."""
     for attempt in range(len(delays) + 1):
         try:
             return fetch()
@@ -54,7 +55,8 @@ def with_retries(fetch: Callable[[], T], what: str, offline: str,
             if not transient(err):
                 raise
             if attempt == len(delays):
-                raise NetworkError(f"cannot fetch {what} ({short_reason(err)}; tried {attempt + 1} times). "
+                tries = tried_before + attempt + 1
+                raise NetworkError(f"cannot fetch {what} ({short_reason(err)}; tried {tries} times). "
                                    f"{offline}") from None
             time.sleep(delays[attempt])
     raise AssertionError("unreachable")
