@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
 from .modelio import ModelInfo, save_model
 from .project import Layout, write_json
 from .tracking import StageRun
@@ -21,8 +23,11 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
 
 
-def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun) -> dict:
-    """The model (with its ModelInfo), per-epoch history, metrics, and the same in MLflow."""
+def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun,
+                          example: np.ndarray, register_as: str = "") -> dict:
+    """The model (with its ModelInfo), per-epoch history, metrics, and the same in MLflow (the
+    per-epoch metrics were logged live); ``example``: an input example for the logged model;
+    ``register_as``: a Model Registry name for it."""
     stage = info.stage
     model_path = layout.model(stage)
     save_model(result.model, model_path, info)
@@ -31,9 +36,8 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     summary = result.summary()
     summary["model_file_mb"] = round(model_path.stat().st_size / 2**20, 3)
     write_json(layout.metrics(stage), summary)
-    run.log_history(result.history)
     run.log_metrics({k: v for k, v in summary.items()})
     run.log_artifacts(history_path)
-    run.log_model(model_path, stage)
+    run.log_model(model_path, stage, example, register_as)
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

@@ -225,6 +225,7 @@ class ExportParams:
 class MlflowParams:
     enabled: bool
     experiment: str
+    registered_model: str  # Model Registry name of the fine-tuned model ("" = do not register)
 
     def validate(self, key: str) -> None:
         _check(bool(self.experiment), f"{key}.experiment", "must be a non-empty name")

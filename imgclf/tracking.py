@@ -20,6 +20,8 @@ from .params import Params
 
 PIPELINE_KEY_TAG = "imgclf.pipeline_key"
 RUN_KIND_TAG = "imgclf.run_kind"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -155,17 +157,9 @@ class StageRun:
             for start in range(0, len(items), 500):
                 self.client.log_batch(run_id, metrics=items[start:start + 500])
 
-    def log_history(self, history: dict[str, list[float]], prefix: str = "") -> None:
-        """Per-epoch metrics, one step per epoch."""
-        if not self.active:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(f"{prefix}{name}", float(value), now, epoch)
-                 for name, values in history.items() for epoch, value in enumerate(values)]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[start:start + 500])
+    def log_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        """One epoch's metrics at step ``epoch``, logged as the epoch ends (live curves)."""
+        self.log_metrics(logs, step=epoch)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -174,16 +168,30 @@ class StageRun:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model_path: Path, name: str) -> None:
-        """Log a saved .keras model as an MLflow Keras model (loadable with mlflow.keras.load_model)."""
+    def log_model(self, model_path: Path, name: str, example, register_as: str = "") -> str | None:
+        """Log a saved .keras model as an MLflow Keras model (``mlflow.keras.load_model``) with
+        a signature inferred from ``example`` (images as the model takes them). No input example:
+        MLflow 3.17's Keras flavor writes it before creating the model folder and fails. With
+        ``register_as``, also register it in the Model Registry and tag the version with the
+        DVC experiment and git commit. Returns the registered version, if any."""
         if not self.active:
-            return
+            return None
         import keras
         import mlflow
+        import numpy as np
 
         model = keras.models.load_model(model_path)
+        example = np.asarray(example, dtype=np.float32)
+        signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
         with _attached(self.client, self.run_id):
-            mlflow.keras.log_model(model, name=name)
+            info = mlflow.keras.log_model(model, name=name, signature=signature,
+                                          registered_model_name=register_as or None)
+        version = getattr(info, "registered_model_version", None)
+        if register_as and version is not None:
+            run = self.client.get_run(self.run_id)
+            for key in ("dvc_exp_name", "git_commit"):
+                self.client.set_model_version_tag(register_as, str(version), key, run.data.tags.get(key, ""))
+        return None if version is None else str(version)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
@@ -255,6 +263,8 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
                                                      artifact_location=artifact_location(root))
             experiment = client.get_experiment(experiment_id)
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:  # the UI opens on training runs
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     check_artifact_store(experiment.artifact_location)
     key, display = pipeline_key(root)
     commit = git_commit(root)

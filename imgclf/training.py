@@ -5,6 +5,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -61,24 +62,32 @@ def strategy():
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
-class _Recorder(keras.callbacks.Callback):
-    """Per-epoch logs plus the learning rate actually used."""
+EpochHook = Callable[[int, dict[str, float]], None]  # (0-based epoch, that epoch's logs)
 
-    def __init__(self):
+
+class _Recorder(keras.callbacks.Callback):
+    """Per-epoch logs plus the learning rate actually used, passed on to ``on_epoch`` as each
+    epoch ends (MLflow shows the curves while the stage trains)."""
+
+    def __init__(self, on_epoch: EpochHook | None = None):
         super().__init__()
         self.history: dict[str, list[float]] = {}
+        self.on_epoch = on_epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
+        logs = {key: float(value) for key, value in (logs or {}).items()}
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         for key, value in logs.items():
-            self.history.setdefault(key, []).append(float(value))
+            self.history.setdefault(key, []).append(value)
+        if self.on_epoch:
+            self.on_epoch(epoch, logs)
 
 
-def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int,
-        reduce_lr_patience: int = 0, steps_per_epoch: int | None = None) -> tuple[dict[str, list[float]], float]:
+def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, reduce_lr_patience: int = 0,
+        steps_per_epoch: int | None = None, on_epoch: EpochHook | None = None
+        ) -> tuple[dict[str, list[float]], float]:
     """Fit with early stopping on val_loss and keep the best epoch's weights."""
-    recorder = _Recorder()
+    recorder = _Recorder(on_epoch)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         best = Path(tmp) / "best.weights.h5"
@@ -105,7 +114,7 @@ def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
 
 
 def train_baseline(train_set: ImageSet, val_set: ImageSet, baseline: BaselineParams, train: TrainParams,
-                   augment: AugmentParams, seed: int) -> TrainResult:
+                   augment: AugmentParams, seed: int, on_epoch: EpochHook | None = None) -> TrainResult:
     """A CNN from scratch on augmented images; with ``lr_schedule: cosine`` the learning
     rate decays from ``learning_rate`` to 0 over ``epochs`` (the best epoch is kept)."""
     n, batch = len(train_set.class_names), train.batch_size
@@ -119,7 +128,7 @@ def train_baseline(train_set: ImageSet, val_set: ImageSet, baseline: BaselinePar
     train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True,
                           seed=seed, augment=augmentation(augment, seed))
     val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
-    history, seconds = fit(model, train_ds, val_ds, baseline.epochs, baseline.patience)
+    history, seconds = fit(model, train_ds, val_ds, baseline.epochs, baseline.patience, on_epoch=on_epoch)
     return TrainResult(model, history, seconds)
 
 
@@ -130,7 +139,7 @@ def extract_features(model: keras.Model, images: np.ndarray) -> np.ndarray:
 
 def train_head(train_set: ImageSet, val_set: ImageSet, model_config: ModelParams, head: HeadParams,
                train: TrainParams, augment: AugmentParams, seed: int,
-               use_cache: bool | None = None) -> TrainResult:
+               use_cache: bool | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
     """Phase 1: the backbone frozen, only the head trains.
 
     With ``head.cache_features`` (and no ``head.augment``) the backbone runs once per image
@@ -147,7 +156,7 @@ def train_head(train_set: ImageSet, val_set: ImageSet, model_config: ModelParams
         aug = augmentation(augment, seed) if head.augment else None
         train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
         val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
-        history, seconds = fit(model, train_ds, val_ds, head.epochs, head.patience)
+        history, seconds = fit(model, train_ds, val_ds, head.epochs, head.patience, on_epoch=on_epoch)
         return TrainResult(model, history, seconds, {"cached_features": 0})
 
     started = time.perf_counter()
@@ -159,7 +168,7 @@ def train_head(train_set: ImageSet, val_set: ImageSet, model_config: ModelParams
         _compile(head_model, head.learning_rate, train.label_smoothing)
     train_ds = to_dataset(train_features, train_set.labels, n, batch, shuffle=True, seed=seed)
     val_ds = to_dataset(val_features, val_set.labels, n, batch)
-    history, fit_seconds = fit(head_model, train_ds, val_ds, head.epochs, head.patience)
+    history, fit_seconds = fit(head_model, train_ds, val_ds, head.epochs, head.patience, on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
                        {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)})
@@ -170,7 +179,8 @@ def _extract(extractor: keras.Model, images: np.ndarray, augment=None) -> np.nda
 
 
 def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, finetune: FinetuneParams,
-                   train: TrainParams, augment: AugmentParams, seed: int) -> TrainResult:
+                   train: TrainParams, augment: AugmentParams, seed: int,
+                   on_epoch: EpochHook | None = None) -> TrainResult:
     """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate.
 
     With ``finetune.cache_activations`` the frozen bottom of the backbone runs once per
@@ -189,7 +199,7 @@ def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, f
         train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
         val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
         history, seconds = fit(model, train_ds, val_ds, finetune.epochs, finetune.patience,
-                               finetune.reduce_lr_patience)
+                               finetune.reduce_lr_patience, on_epoch=on_epoch)
         return TrainResult(model, history, seconds, extra)
 
     started = time.perf_counter()
@@ -210,7 +220,7 @@ def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, f
     val_ds = to_dataset(val_act, val_set.labels, n, batch)
     steps = int(np.ceil(len(train_set) / batch))  # an epoch = one view of every image, on average
     history, fit_seconds = fit(classifier, train_ds, val_ds, finetune.epochs, finetune.patience,
-                               finetune.reduce_lr_patience, steps_per_epoch=steps)
+                               finetune.reduce_lr_patience, steps_per_epoch=steps, on_epoch=on_epoch)
     extra["activation_seconds"] = round(extract_seconds, 2)
     return TrainResult(model, history, extract_seconds + fit_seconds, extra)
 

@@ -14,10 +14,11 @@ def main() -> None:
     with tracking.stage_run("baseline", params, layout.root) as run:
         size = params.baseline.image_size
         train, val = load_train_val(layout.split, size)
-        result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed)
+        result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed,
+                                         on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)
         info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta, temperature)
-        save_training_outputs(layout, result, info, run)
+        save_training_outputs(layout, result, info, run, val.images[:1])
 
 
 if __name__ == "__main__":

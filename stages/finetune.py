@@ -20,10 +20,10 @@ def main() -> None:
         # backbone, classes and input size come from the head model, not from params
         train, val = load_train_val(layout.split, head_info.image_size, head_info.class_names)
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
-                                         params.seed)
+                                         params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)
         info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta, temperature=temperature)
-        save_training_outputs(layout, result, info, run)
+        save_training_outputs(layout, result, info, run, val.images[:1], params.mlflow.registered_model)
 
 
 if __name__ == "__main__":

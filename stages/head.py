@@ -16,10 +16,10 @@ def main() -> None:
         size = params.model.image_size
         train, val = load_train_val(layout.split, size)
         result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
-                                     params.seed)
+                                     params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)
         info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
-        save_training_outputs(layout, result, info, run)
+        save_training_outputs(layout, result, info, run, val.images[:1])
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ def test_near_identical_images_are_grouped_and_conflicts_across_classes_excluded
 
     from imgclf.split import assign, list_class_images, read_groups
     from imgclf.params import SplitParams
-    from PIL import Image
     from test_images import smooth_image
 
     src = tmp_path / "src"

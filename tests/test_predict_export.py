@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     model.compile(optimizer="adam", loss="categorical_crossentropy")
     model.fit(to_dataset(images, labels, 3, 8, shuffle=True), epochs=2, verbose=0)
     folder = tmp_path_factory.mktemp("model")
-    path, tta_path = folder / "finetune.keras", folder / "finetune_tta.keras"
+    path = folder / "finetune.keras"
     save_model(model, path, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=False))
     return model, path
 

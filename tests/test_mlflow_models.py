@@ -1,0 +1,107 @@
+"""MLflow as a user meets it: a training experiment, curves while a stage trains, models with a
+signature, registered, and served by `mlflow models serve` in a process that imports nothing of
+this project."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from imgclf import models, training
+from imgclf.modelio import ModelInfo, save_model
+from imgclf.params import params_from_dict
+from imgclf.tracking import stage_run
+from conftest import COLORS, make_image, tiny_params
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-models")
+    return uri
+
+
+def test_epochs_are_logged_while_training_and_the_experiment_is_a_training_one(store, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from test_training import tiny_set
+
+    params = params_from_dict(tiny_params(baseline={"epochs": 3, "patience": 0}))
+    client = MlflowClient(store)
+    seen = []
+    with stage_run("baseline", params, tmp_path) as run:
+        def log_and_look(epoch, logs):
+            run.log_epoch(epoch, logs)
+            seen.append(len(client.get_metric_history(run.run_id, "val_loss")))  # visible at once
+
+        training.configure(params.seed, params.train)
+        training.train_baseline(tiny_set(), tiny_set(seed=50), params.baseline, params.train, params.augment,
+                                params.seed, on_epoch=log_and_look)
+    assert seen == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.run_id, "learning_rate")] == [0, 1, 2]
+    experiment = client.get_experiment_by_name("image-classification")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
+def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, backbone):
+    from mlflow.tracking import MlflowClient
+
+    raw = tiny_params()
+    raw["model"].update(backbone=backbone)
+    params = params_from_dict(raw)
+    training.configure(params.seed, params.train)
+    model = models.build_transfer_model(params.model, 3)
+    path = tmp_path / "finetune.keras"
+    save_model(model, path, ModelInfo("finetune", backbone, ["a", "b", "c"], 32, False))
+    photo = make_image(3, COLORS[1], 32)[None].astype(np.float32)
+    with stage_run("finetune", params, tmp_path) as run:
+        version = run.log_model(path, "finetune", photo, register_as="flowers")
+    client = MlflowClient(store)
+    assert version == "1"
+    registered = client.get_model_version("flowers", "1")
+    assert registered.tags == {"dvc_exp_name": "exp-models", "git_commit": registered.tags["git_commit"]}
+    logged = client.get_run(run.run_id).outputs.model_outputs or client.search_logged_models(
+        experiment_ids=[client.get_experiment_by_name("image-classification").experiment_id])
+    assert logged
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = store
+    server = subprocess.Popen(  # cwd outside the project: nothing of it is importable there
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/flowers/1", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
+                time.sleep(1)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": photo.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    probs = np.asarray(answer["predictions"])
+    np.testing.assert_allclose(probs, model.predict(photo, verbose=0), atol=1e-5)
+    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
