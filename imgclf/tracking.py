@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import subprocess
 import time
@@ -22,6 +23,7 @@ PIPELINE_KEY_TAG = "imgclf.pipeline_key"
 RUN_KIND_TAG = "imgclf.run_kind"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
 class TrackingError(RuntimeError):
@@ -80,6 +82,22 @@ def check_artifact_store(location: str) -> None:
         raise TrackingError(f"MLflow artifact store {location} is not usable ({kind}: {reason}). "
                             "Check the bucket, its endpoint (MLFLOW_S3_ENDPOINT_URL) and credentials, or "
                             "set mlflow.enabled: false in params.yaml") from None
+
+
+def dvc_hash(root: Path, path: str) -> str:
+    """The hash DVC recorded in ``dvc.lock`` for the output ``path`` ("unknown" before DVC
+    recorded it, e.g. when a stage runs outside DVC)."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((root / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "unknown"
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == path:
+                return str(out.get("md5") or out.get("hash") or "unknown")
+    return "unknown"
 
 
 def git_commit(root: Path) -> str:
@@ -193,6 +211,19 @@ class StageRun:
                 self.client.set_model_version_tag(register_as, str(version), key, run.data.tags.get(key, ""))
         return None if version is None else str(version)
 
+    def log_split(self, root: Path, split_dir: Path, counts: dict[str, int], context: str) -> None:
+        """The split this stage read, as an MLflow dataset input: named after the folder, its
+        digest the DVC hash of ``data/split`` recorded in ``dvc.lock`` (so it leads back to the
+        exact data), its profile the image counts; ``context``: training or evaluation."""
+        if not self.active:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        relative = split_dir.relative_to(root).as_posix() if split_dir.is_relative_to(root) else str(split_dir)
+        dataset = Dataset(name=relative, digest=dvc_hash(root, relative)[:36], source_type="local",
+                          source=json.dumps({"uri": str(split_dir)}), profile=json.dumps(counts))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
             for key, value in tags.items():
@@ -286,12 +317,18 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
     with contextlib.suppress(Exception):  # the parent may already hold the same values
         client.log_batch(parent_id, params=items)
     stage_tracker = StageRun(client, run_id, parent_id)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
+    monitor.start()  # CPU, memory, disk and network as system/* metrics while the stage runs
     try:
         yield stage_tracker
     except BaseException:
+        monitor.finish()
         client.set_terminated(run_id, "FAILED")
         client.set_terminated(parent_id, "FAILED")
         raise
+    monitor.finish()
     client.set_terminated(run_id, "FINISHED")
     # the parent ends with the stage that ended last: it spans the pipeline's first stage to
     # its last, RUNNING while any stage runs

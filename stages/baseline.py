@@ -14,6 +14,7 @@ def main() -> None:
     with tracking.stage_run("baseline", params, layout.root) as run:
         size = params.baseline.image_size
         train, val = load_train_val(layout.split, size)
+        run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed,
                                          on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)

@@ -27,6 +27,7 @@ def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
     size, names = info.image_size, info.class_names
     if size not in test_cache:
         test_cache[size] = load_subset(layout.split, "test", size, names)
+        run.log_split(layout.root, layout.split, {"test": len(test_cache[size])}, "evaluation")
     test = test_cache[size]
     probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(model, x, info.tta), test.images)
     pred = ev.Predictions(probs, test.labels, names)

@@ -19,6 +19,7 @@ def main() -> None:
         calibration.fold_temperature(model, 1 / head_info.temperature)  # fine-tune the head's own logits
         # backbone, classes and input size come from the head model, not from params
         train, val = load_train_val(layout.split, head_info.image_size, head_info.class_names)
+        run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
                                          params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)

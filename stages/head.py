@@ -15,6 +15,7 @@ def main() -> None:
     with tracking.stage_run("head", params, layout.root) as run:
         size = params.model.image_size
         train, val = load_train_val(layout.split, size)
+        run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
                                      params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate(result, val, params.train.calibrate)

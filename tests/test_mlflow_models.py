@@ -105,3 +105,26 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     probs = np.asarray(answer["predictions"])
     np.testing.assert_allclose(probs, model.predict(photo, verbose=0), atol=1e-5)
     assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
+
+
+def test_stage_runs_record_system_metrics_and_the_split_they_used(store, tmp_path, monkeypatch):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from imgclf import tracking
+
+    monkeypatch.setattr(tracking, "SYSTEM_METRICS_INTERVAL_S", 0.5)
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"split": {
+        "cmd": "python -m stages.split",
+        "outs": [{"path": "data/split", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
+    params = params_from_dict(tiny_params())
+    with stage_run("head", params, tmp_path) as run:
+        run.log_split(tmp_path, tmp_path / "data" / "split", {"train": 20, "val": 5}, "training")
+        time.sleep(2.5)
+    logged = MlflowClient(store).get_run(run.run_id)
+    assert any(key.startswith("system/cpu_utilization") for key in logged.data.metrics), logged.data.metrics
+    assert any(key.startswith("system/system_memory_usage") for key in logged.data.metrics)
+    (used,) = logged.inputs.dataset_inputs
+    assert used.dataset.name == "data/split" and used.dataset.digest == "0123456789abcdef0123456789abcdef.dir"
+    assert json.loads(used.dataset.profile) == {"train": 20, "val": 5}
+    assert {t.key: t.value for t in used.tags}["mlflow.data.context"] == "training"
