@@ -321,15 +321,13 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
     monitor.start()  # CPU, memory, disk and network as system/* metrics while the stage runs
+    status = "FAILED"
     try:
         yield stage_tracker
-    except BaseException:
+        status = "FINISHED"
+    finally:
         monitor.finish()
-        client.set_terminated(run_id, "FAILED")
-        client.set_terminated(parent_id, "FAILED")
-        raise
-    monitor.finish()
-    client.set_terminated(run_id, "FINISHED")
-    # the parent ends with the stage that ended last: it spans the pipeline's first stage to
-    # its last, RUNNING while any stage runs
-    client.set_terminated(parent_id, "FINISHED")
+        client.set_terminated(run_id, status)
+        # the parent ends with the stage that ended last: it spans the pipeline's first stage to
+        # its last, RUNNING while any stage runs, FAILED if a stage failed
+        client.set_terminated(parent_id, status)

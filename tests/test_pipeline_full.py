@@ -168,7 +168,10 @@ def test_push_clone_pull_round_trip(project, tmp_path):
     assert "up to date" in dvc(clone, "status").stdout
     assert "Running stage" not in dvc(clone, "repro").stdout
     assert (clone / "models/finetune.keras").exists()
-    # the model declared under `artifacts:` in dvc.yaml, fetched straight from the repository
+    # the model declared under `artifacts:` in dvc.yaml, given a version (a GTO git tag, as
+    # `gto register` writes) and fetched straight from the repository through its remote
+    run(["git", "tag", "-a", "image-classifier@v1.0.0", "-m", "Registering artifact image-classifier version v1.0.0"],
+        project)
     fetched = tmp_path / "fetched.keras"
     dvc(tmp_path, "artifacts", "get", str(project), "image-classifier", "-o", str(fetched))
     assert fetched.read_bytes() == (project / "models/finetune.keras").read_bytes()
