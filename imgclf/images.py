@@ -133,9 +133,9 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-MAX_NEAR_DUPLICATE_BITS = 15
+MAX_NEAR_DUPLICATE_BITS = 15  # the bucketing below finds every pair within 15 of 256 bits
 # Written by the download stage into data/raw: [["<class>/<file>", ...], ...], read by split.
-NEAR_DUPLICATES_FILE = "near_duplicates.json"  # the bucketing below finds every pair within 15 of 256 bits
+NEAR_DUPLICATES_FILE = "near_duplicates.json"
 
 
 def near_duplicate_groups(hashes: Sequence[bytes], max_bits: int) -> list[list[int]]:

@@ -80,9 +80,11 @@ def assign(classes: dict[str, list[Path]], fractions: SplitParams, seed: int,
     grouped = set()
     for group in groups:
         members = [path for path in group if path in sha]
+        if not members:
+            continue
         grouped.update(members)
-        for path in members:
-            key[path] = min(sha[p] for p in members)
+        group_key = min(sha[path] for path in members)
+        key.update(dict.fromkeys(members, group_key))
     out: list[Assignment] = []
     for label, files in classes.items():
         items = []
