@@ -76,6 +76,12 @@ def summary_metrics(pred: Predictions, bins: int = 10) -> dict[str, float | None
     }
 
 
+def headline_metrics(results: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """The numbers `dvc exp show` puts first: test accuracy and macro F1 of each model, with short
+    names (`finetune.acc`, `finetune.f1`) so that all of them fit a 120-column terminal."""
+    return {name: {"acc": r["accuracy"], "f1": r["macro_f1"]} for name, r in results.items()}
+
+
 def per_class(pred: Predictions) -> list[dict]:
     labels = list(range(len(pred.class_names)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(

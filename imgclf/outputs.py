@@ -1,4 +1,4 @@
-"""Writing a training stage's outputs: model, history plot data, metrics, MLflow."""
+"""Writing a training stage's outputs: model, history plot data, summary numbers, MLflow."""
 from __future__ import annotations
 
 import csv
@@ -25,7 +25,7 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
 
 def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun,
                           example: np.ndarray, register_as: str = "") -> dict:
-    """The model (with its ModelInfo), per-epoch history, metrics, and the same in MLflow (the
+    """The model (with its ModelInfo), per-epoch history, summary numbers, and the same in MLflow (the
     per-epoch metrics were logged live); ``example``: images the model takes, from which the
     logged model's signature is inferred; ``register_as``: a Model Registry name for it."""
     stage = info.stage
@@ -35,7 +35,7 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     write_history(result.history, history_path)
     summary = result.summary()
     summary["model_file_mb"] = round(model_path.stat().st_size / 2**20, 3)
-    write_json(layout.metrics(stage), summary)
+    write_json(layout.summary(stage), summary)
     run.log_metrics({k: v for k, v in summary.items()})
     run.log_artifacts(history_path)
     run.log_model(model_path, stage, example, register_as)

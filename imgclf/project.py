@@ -39,8 +39,14 @@ class Layout:
     def model(self, name: str) -> Path:
         return self.models / f"{name}.keras"
 
-    def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
+    @property
+    def headline_metrics(self) -> Path:
+        """The one DVC metrics file: what `dvc exp show` and `dvc metrics diff` compare."""
+        return self.root / "metrics" / "evaluate.json"
+
+    def summary(self, stage: str) -> Path:
+        """Every number a stage measured (also in MLflow); not a DVC metric, to keep tables short."""
+        return self.reports(stage) / "summary.json"
 
     def plots(self, stage: str) -> Path:
         return self.root / "plots" / stage

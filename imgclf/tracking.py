@@ -187,23 +187,40 @@ class StageRun:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_model(self, model_path: Path, name: str, example, register_as: str = "") -> str | None:
-        """Log a saved .keras model as an MLflow Keras model (``mlflow.keras.load_model``) with
-        a signature inferred from ``example`` (images as the model takes them). No input example:
-        MLflow 3.17's Keras flavor writes it before creating the model folder and fails. With
-        ``register_as``, also register it in the Model Registry and tag the version with the
-        DVC experiment and git commit. Returns the registered version, if any."""
+        """Log a saved .keras model as the MLflow model that `mlflow models serve` answers with
+        (imgclf/mlflow_model.py: image files in, class names and probabilities out), the .keras
+        file inside it, with a signature and an input example (the first of ``example``, images
+        as the model takes them, as a PNG file; the signature is written out, not inferred, as
+        inference would run the model here). With ``register_as``, also register it in the
+        Model Registry and tag the version with the DVC experiment and git commit. Returns the
+        registered version, if any."""
         if not self.active:
             return None
-        import keras
-        import mlflow
-        import numpy as np
+        import shutil
+        import tempfile
 
-        model = keras.models.load_model(model_path)
-        example = np.asarray(example, dtype=np.float32)
-        signature = mlflow.models.infer_signature(example, model.predict(example, verbose=0))
-        with _attached(self.client, self.run_id):
-            info = mlflow.keras.log_model(model, name=name, signature=signature,
-                                          registered_model_name=register_as or None)
+        import mlflow
+        from mlflow.types import ColSpec, Schema
+
+        from . import images, mlflow_model
+
+        from .modelio import read_metadata
+
+        class_names = read_metadata(model_path).class_names
+        signature = mlflow.models.ModelSignature(
+            inputs=Schema([ColSpec("string", mlflow_model.IMAGE_COLUMN)]),
+            outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN)]
+                           + [ColSpec("double", name) for name in class_names]))
+        photo = served_example(example)
+        with tempfile.TemporaryDirectory() as tmp:
+            decoder = Path(tmp) / "imgclf_images.py"  # the decoder, importable without imgclf
+            shutil.copyfile(images.__file__, decoder)
+            with _attached(self.client, self.run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=name, python_model=mlflow_model.__file__, code_paths=[str(decoder)],
+                    artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
+                    signature=signature, input_example=photo,
+                    registered_model_name=register_as or None, pip_requirements=serving_requirements())
         version = getattr(info, "registered_model_version", None)
         if register_as and version is not None:
             run = self.client.get_run(self.run_id)
@@ -228,6 +245,31 @@ class StageRun:
         if self.active:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
+
+
+def served_example(images) -> "Any":
+    """The first of ``images`` (uint8-range RGB) as the served model's input: a one-row frame
+    with the base64 text of a PNG file. MLflow infers the signature from it and stores it."""
+    import base64
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from .mlflow_model import IMAGE_COLUMN
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.asarray(images[0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def serving_requirements() -> list[str]:
+    """What the served model imports, pinned to the versions that trained it."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in
+            ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")]
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ def main() -> None:
                         max_per_class=params.data.max_per_class, seed=params.seed,
                         near_duplicate_bits=params.data.near_duplicate_bits)
         write_json(layout.reports("download") / "report.json", report.as_dict())
-        write_json(layout.metrics("download"), report.summary())
+        write_json(layout.summary("download"), report.summary())
         plots = layout.plots("download")
         figures.class_distribution(report.counts, plots / "class_distribution.png")
         samples = []

@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: every model on the test split -> metrics, reports, plots, comparison."""
+"""DVC stage `evaluate`: every model on the test split -> headline metrics (test accuracy and macro F1),
+all numbers and diagnostics in reports/evaluate, plots, comparison."""
 import csv
 import json
 
@@ -83,11 +84,12 @@ def main() -> None:
         results, diagnostics, cache = {}, {}, {}
         for name in MODEL_NAMES:
             results[name], diagnostics[name] = evaluate_model(name, layout, params.evaluate, cache, run)
-        write_json(layout.metrics("evaluate"), results)
+        write_json(layout.headline_metrics, ev.headline_metrics(results))
+        write_json(layout.summary("evaluate"), results)
         reports = layout.reports("evaluate")
         write_json(reports / "diagnostics.json", diagnostics)
-        trained = {name: json.loads(layout.metrics(name).read_text())
-                   for name in MODEL_NAMES if layout.metrics(name).exists()}
+        trained = {name: json.loads(layout.summary(name).read_text())
+                   for name in MODEL_NAMES if layout.summary(name).exists()}
         rows = ev.comparison_rows(results, trained)
         (reports / "comparison.md").write_text(
             "# Baseline vs transfer learning\n\n" + ev.markdown_table(rows) + "\n" + ev.comparison_summary(rows))

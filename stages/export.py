@@ -20,7 +20,7 @@ def main() -> None:
         pick = np.linspace(0, len(test) - 1, min(PARITY_IMAGES, len(test))).astype(int)
         report = export_all(model, info, layout.models / "export", params.export.quantization,
                             test.images[pick].astype(np.float32))
-        write_json(layout.metrics("export"), report)
+        write_json(layout.summary("export"), report)
         run.log_metrics({f"{fmt}_{k}": v for fmt, values in report.items() for k, v in values.items()})
     for fmt, values in report.items():
         print(f"export {fmt}: {values}")

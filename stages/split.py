@@ -1,4 +1,5 @@
-"""DVC stage `split`: data/raw -> data/split/{train,val,test}/<class>/ and per-split counts."""
+"""DVC stage `split`: data/raw -> data/split/{train,val,test}/<class>/, image counts per
+split and class in reports/split/summary.json."""
 from imgclf import tracking
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
@@ -11,7 +12,7 @@ def main() -> None:
     with tracking.stage_run("split", params, layout.root) as run:
         assignments = assign(list_class_images(layout.raw), params.split, params.seed, read_groups(layout.raw))
         counts = write_split(assignments, layout.split)
-        write_json(layout.metrics("split"), counts)
+        write_json(layout.summary("split"), counts)
         run.log_metrics({f"{split}_images": c["total"] for split, c in counts.items()})
     print("split: " + ", ".join(f"{s}={c['total']}" for s, c in counts.items()))
 

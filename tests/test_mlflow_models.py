@@ -58,7 +58,14 @@ def test_epochs_are_logged_while_training_and_the_experiment_is_a_training_one(s
 
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
 def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, backbone):
+    import base64
+
+    import mlflow
     from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from imgclf.images import decode_rgb
+    from imgclf.inference import predict_probs
 
     raw = tiny_params()
     raw["model"].update(backbone=backbone)
@@ -66,22 +73,29 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     training.configure(params.seed, params.train)
     model = models.build_transfer_model(params.model, 3)
     path = tmp_path / "finetune.keras"
-    save_model(model, path, ModelInfo("finetune", backbone, ["a", "b", "c"], 32, False))
-    photo = make_image(3, COLORS[1], 32)[None].astype(np.float32)
+    names = ["daisy", "roses", "tulips"]
+    save_model(model, path, ModelInfo("finetune", backbone, names, 32, True))
     with stage_run("finetune", params, tmp_path) as run:
-        version = run.log_model(path, "finetune", photo, register_as="flowers")
+        version = run.log_model(path, "finetune", make_image(3, COLORS[1], 32)[None], register_as="flowers")
     client = MlflowClient(store)
     assert version == "1"
     registered = client.get_model_version("flowers", "1")
     assert registered.tags == {"dvc_exp_name": "exp-models", "git_commit": registered.tags["git_commit"]}
-    logged = client.get_run(run.run_id).outputs.model_outputs or client.search_logged_models(
-        experiment_ids=[client.get_experiment_by_name("image-classification").experiment_id])
-    assert logged
+    logged = mlflow.models.get_model_info("models:/flowers/1")
+    assert logged.signature.inputs.input_names() == ["image"]
+    assert logged.signature.outputs.input_names() == ["label", *names]
+    assert logged.saved_input_example_info is not None  # an input example, shown in the UI
 
+    # a photo file larger than the model's input, sent as a user would: its bytes, base64
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(make_image(7, COLORS[2], 80)).save(photo, quality=90)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MLFLOW_TRACKING_URI"] = store
-    server = subprocess.Popen(  # cwd outside the project: nothing of it is importable there
+    # every process of the server starts with this project's package made unimportable
+    blocker = tmp_path / "no_imgclf"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['imgclf'] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker), "MLFLOW_TRACKING_URI": store}
+    server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/flowers/1", "--env-manager", "local",
          "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -95,16 +109,17 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
                 if time.time() > deadline or server.poll() is not None:
                     raise AssertionError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
                 time.sleep(1)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": photo.tolist()}).encode(),
+        body = {"dataframe_records": [{"image": base64.b64encode(photo.read_bytes()).decode()}]}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
         server.terminate()
         server.wait(timeout=30)
-    probs = np.asarray(answer["predictions"])
-    np.testing.assert_allclose(probs, model.predict(photo, verbose=0), atol=1e-5)
-    assert probs.shape == (1, 3) and probs.sum() == pytest.approx(1, abs=1e-5)
+    (row,) = answer["predictions"]
+    expected = predict_probs(model, decode_rgb(photo, 32)[None], tta=True)[0]
+    np.testing.assert_allclose([row[n] for n in names], expected, atol=1e-5)
+    assert row["label"] == names[int(expected.argmax())]
 
 
 def test_stage_runs_record_system_metrics_and_the_split_they_used(store, tmp_path, monkeypatch):

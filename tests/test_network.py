@@ -114,7 +114,7 @@ def test_changing_another_data_param_does_not_download_again(server, tmp_path):
     params.write_text(params.read_text().replace("max_per_class: 0", "max_per_class: 3"))
     run([sys.executable, "-m", "stages.download"], project, env=env)
     assert server["requests"] == 1
-    assert json.loads((project / "metrics/download.json").read_text())["per_class"] == {"class_0": 3, "class_1": 3}
+    assert json.loads((project / "reports/download/report.json").read_text())["summary"]["per_class"] == {"class_0": 3, "class_1": 3}
 
 
 def test_unreachable_archive_url_stops_the_stage_with_one_line(tmp_path):

@@ -31,7 +31,7 @@ def test_repro_split_on_a_folder_with_bad_files(tmp_path):
             assert digest not in seen, f"{f.name} is in {split} and {seen[digest]}"
             seen[digest] = split
     assert len(seen) == 15 * 3 - 1  # the conflicting image left both classes
-    counts = json.loads((project / "metrics/split.json").read_text())
+    counts = json.loads((project / "reports/split/summary.json").read_text())
     assert sum(counts[s]["total"] for s in ("train", "val", "test")) == len(seen)
     assert (project / "plots/download/class_distribution.png").stat().st_size > 0
 

@@ -2,6 +2,7 @@
 experiments tracked in MLflow, and the push / clone / pull round trip. The tests share one
 project and run in file order."""
 import json
+import re
 import sys
 
 import pytest
@@ -35,29 +36,34 @@ def mlflow_runs(root):
 
 
 def test_repro_writes_every_metric_model_and_plot(project):
-    metrics = json.loads((project / "metrics/evaluate.json").read_text())
-    assert set(metrics) == set(MODELS)
+    headline = json.loads((project / "metrics/evaluate.json").read_text())
+    metrics = json.loads((project / "reports/evaluate/summary.json").read_text())
+    assert set(metrics) == set(headline) == set(MODELS)
     for name in MODELS:
         assert KEYS <= set(metrics[name]), KEYS - set(metrics[name])
         assert 0 <= metrics[name]["accuracy"] <= 1
+        assert headline[name] == {"acc": metrics[name]["accuracy"], "f1": metrics[name]["macro_f1"]}
     for name in MODELS:
         assert (project / "models" / f"{name}.keras").exists()
         header = (project / f"plots/{name}/history.csv").read_text().splitlines()[0]
         assert {"epoch", "loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"} <= set(header.split(","))
     assert (project / "plots/gradcam/finetune.png").stat().st_size > 10_000
     assert (project / "plots/evaluate/finetune_reliability.png").stat().st_size > 5_000
-    trained = json.loads((project / "metrics/finetune.json").read_text())
+    trained = json.loads((project / "reports/finetune/summary.json").read_text())
     assert trained["temperature"] == metrics["finetune"]["temperature"] > 0
     assert {"best_epoch", "train_accuracy", "val_accuracy", "val_ece_calibrated"} <= set(trained)
     assert "Best model on the test split" in (project / "reports/evaluate/comparison.md").read_text()
     assert (project / "models/export/saved_model/saved_model.pb").exists()
-    assert json.loads((project / "metrics/export.json").read_text())["tflite_float32"]["top1_agreement"] >= 0.9
+    assert json.loads((project / "reports/export/summary.json").read_text())["tflite_float32"]["top1_agreement"] >= 0.9
+    assert sum(json.loads((project / "reports/split/summary.json").read_text())[s]["total"]
+               for s in ("train", "val", "test")) == 3 * 14
 
 
 def test_dvc_metrics_and_plots_show(project, tmp_path):
     shown = dvc(project, "metrics", "show", "--json").stdout
     workspace = next(iter(json.loads(shown).values()))  # keyed "" or "workspace" by DVC version
-    assert "accuracy" in workspace["data"]["metrics/evaluate.json"]["data"]["finetune"]
+    assert list(workspace["data"]) == ["metrics/evaluate.json"]
+    assert set(workspace["data"]["metrics/evaluate.json"]["data"]["finetune"]) == {"acc", "f1"}
     out = tmp_path / "plots"
     dvc(project, "plots", "show", "--json", "-o", str(out))
     rendered = dvc(project, "plots", "show", "--json").stdout
@@ -135,9 +141,24 @@ def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
     table = json.loads(dvc(project, "exp", "show", "--json").stdout)
     names = {e.get("name") for rev in table for e in rev.get("experiments") or [] for e in e.get("revs", [])}
     assert {"exp-epochs", "exp-effnet"} <= names, names
-    diff = dvc(project, "metrics", "diff", "exp-epochs", "exp-effnet", "--json").stdout
-    assert "finetune.accuracy" in diff or "finetune" in diff
     assert "model.backbone" in dvc(project, "params", "diff", "exp-epochs", "exp-effnet").stdout
+
+    # what a 120-column terminal shows: DVC pages the full-width table through `less -S`, which
+    # cuts every line at 120 characters; each experiment's six headline numbers must be on screen
+    screen = [line[:120] for line in dvc(project, "exp", "show").stdout.splitlines()]
+    header = next(line for line in screen if "Experiment" in line)
+    headline = [f"{model}.{name}" for model in MODELS for name in ("acc", "f1")]
+    assert [h for h in header.split() if h in headline] == headline, header
+    revs = {r["name"]: r["data"]["metrics"]["metrics/evaluate.json"]["data"]
+            for rev in table for e in rev.get("experiments") or [] for r in e["revs"]}
+    for name in ("exp-epochs", "exp-effnet"):
+        row = next(line for line in screen if f"[{name}]" in line)
+        shown = [float(x) for x in re.findall(r"(?<![\d:.])[01](?:\.\d+)?(?![\d:.])", row.split("]", 1)[1])][:6]
+        expected = [revs[name][model][key] for model in MODELS for key in ("acc", "f1")]
+        assert shown == pytest.approx(expected, abs=1e-5), row
+    # `dvc metrics diff --all` lists the headline numbers and nothing else
+    diff = json.loads(dvc(project, "metrics", "diff", "exp-epochs", "exp-effnet", "--all", "--json").stdout)
+    assert list(diff) == ["metrics/evaluate.json"] and sorted(diff["metrics/evaluate.json"]) == sorted(headline)
 
     runs = mlflow_runs(project)
     by_exp = {}
