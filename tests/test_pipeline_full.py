@@ -38,11 +38,11 @@ def mlflow_runs(root):
 def test_repro_writes_every_metric_model_and_plot(project):
     headline = json.loads((project / "metrics/evaluate.json").read_text())
     metrics = json.loads((project / "reports/evaluate/summary.json").read_text())
-    assert set(metrics) == set(headline) == set(MODELS)
+    assert set(metrics) == set(MODELS) and set(headline) == {"base", "head", "fine"}
     for name in MODELS:
         assert KEYS <= set(metrics[name]), KEYS - set(metrics[name])
         assert 0 <= metrics[name]["accuracy"] <= 1
-        assert headline[name] == {"acc": metrics[name]["accuracy"], "f1": metrics[name]["macro_f1"]}
+        assert headline[name[:4]] == {"acc": metrics[name]["accuracy"], "f1": metrics[name]["macro_f1"]}
     for name in MODELS:
         assert (project / "models" / f"{name}.keras").exists()
         header = (project / f"plots/{name}/history.csv").read_text().splitlines()[0]
@@ -63,7 +63,7 @@ def test_dvc_metrics_and_plots_show(project, tmp_path):
     shown = dvc(project, "metrics", "show", "--json").stdout
     workspace = next(iter(json.loads(shown).values()))  # keyed "" or "workspace" by DVC version
     assert list(workspace["data"]) == ["metrics/evaluate.json"]
-    assert set(workspace["data"]["metrics/evaluate.json"]["data"]["finetune"]) == {"acc", "f1"}
+    assert set(workspace["data"]["metrics/evaluate.json"]["data"]["fine"]) == {"acc", "f1"}
     out = tmp_path / "plots"
     dvc(project, "plots", "show", "--json", "-o", str(out))
     rendered = dvc(project, "plots", "show", "--json").stdout
@@ -136,35 +136,35 @@ def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
 
 
 def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
-    dvc(project, "exp", "run", "-n", "exp-epochs", "-S", "finetune.epochs=2")
-    dvc(project, "exp", "run", "-n", "exp-effnet", "-S", "model.backbone=efficientnetb0")
+    dvc(project, "exp", "run", "-n", "finetune-2-epochs", "-S", "finetune.epochs=2")
+    dvc(project, "exp", "run", "-n", "efficientnetb0-run", "-S", "model.backbone=efficientnetb0")
     table = json.loads(dvc(project, "exp", "show", "--json").stdout)
     names = {e.get("name") for rev in table for e in rev.get("experiments") or [] for e in e.get("revs", [])}
-    assert {"exp-epochs", "exp-effnet"} <= names, names
-    assert "model.backbone" in dvc(project, "params", "diff", "exp-epochs", "exp-effnet").stdout
+    assert {"finetune-2-epochs", "efficientnetb0-run"} <= names, names
+    assert "model.backbone" in dvc(project, "params", "diff", "finetune-2-epochs", "efficientnetb0-run").stdout
 
     # what a 120-column terminal shows: DVC pages the full-width table through `less -S`, which
     # cuts every line at 120 characters; each experiment's six headline numbers must be on screen
     screen = [line[:120] for line in dvc(project, "exp", "show").stdout.splitlines()]
     header = next(line for line in screen if "Experiment" in line)
-    headline = [f"{model}.{name}" for model in MODELS for name in ("acc", "f1")]
+    headline = [f"{model}.{name}" for model in ("base", "head", "fine") for name in ("acc", "f1")]
     assert [h for h in header.split() if h in headline] == headline, header
     revs = {r["name"]: r["data"]["metrics"]["metrics/evaluate.json"]["data"]
             for rev in table for e in rev.get("experiments") or [] for r in e["revs"]}
-    for name in ("exp-epochs", "exp-effnet"):
+    for name in ("finetune-2-epochs", "efficientnetb0-run"):
         row = next(line for line in screen if f"[{name}]" in line)
         shown = [float(x) for x in re.findall(r"(?<![\d:.])[01](?:\.\d+)?(?![\d:.])", row.split("]", 1)[1])][:6]
-        expected = [revs[name][model][key] for model in MODELS for key in ("acc", "f1")]
+        expected = [revs[name][model][key] for model in ("base", "head", "fine") for key in ("acc", "f1")]
         assert shown == pytest.approx(expected, abs=1e-5), row
     # `dvc metrics diff --all` lists the headline numbers and nothing else
-    diff = json.loads(dvc(project, "metrics", "diff", "exp-epochs", "exp-effnet", "--all", "--json").stdout)
+    diff = json.loads(dvc(project, "metrics", "diff", "finetune-2-epochs", "efficientnetb0-run", "--all", "--json").stdout)
     assert list(diff) == ["metrics/evaluate.json"] and sorted(diff["metrics/evaluate.json"]) == sorted(headline)
 
     runs = mlflow_runs(project)
     by_exp = {}
     for r in runs:
         by_exp.setdefault(r.data.tags.get("dvc_exp_name"), []).append(r)
-    for name, backbone in (("exp-epochs", "mobilenetv2"), ("exp-effnet", "efficientnetb0")):
+    for name, backbone in (("finetune-2-epochs", "mobilenetv2"), ("efficientnetb0-run", "efficientnetb0")):
         parent = [r for r in by_exp[name] if r.data.tags.get("imgclf.run_kind") == "pipeline"]
         assert len(parent) == 1, name
         children = [r for r in by_exp[name] if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
@@ -172,7 +172,7 @@ def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
         assert parent[0].data.params["model.backbone"] == backbone
         assert "finetune_accuracy" in parent[0].data.metrics
     # only the stages that depend on the changed param ran for the epochs experiment
-    stages = {c.data.tags["stage"] for c in by_exp["exp-epochs"] if c.data.tags.get("stage")}
+    stages = {c.data.tags["stage"] for c in by_exp["finetune-2-epochs"] if c.data.tags.get("stage")}
     assert "head" not in stages and "baseline" not in stages and "finetune" in stages
 
 
