@@ -120,9 +120,18 @@ def _ensure_each_split(items: list[Assignment], fractions: SplitParams, grouped:
     return items
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the filesystem allows (no second copy of the bytes), else a copy.
+    Safe beside DVC: it replaces files rather than writing into them, and protects cached ones."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def write_split(assignments: list[Assignment], out_dir: Path) -> dict:
-    """Copy images to ``out_dir/<split>/<class>/`` with a manifest; return per-split counts.
-    Built in a staging folder and moved into place, so failure leaves no partial output."""
+    """Link (or copy) images to ``out_dir/<split>/<class>/`` with a manifest; return per-split
+    counts. Built in a staging folder and moved into place, so failure leaves no partial output."""
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     labels = sorted({a.label for a in assignments})
@@ -134,7 +143,7 @@ def write_split(assignments: list[Assignment], out_dir: Path) -> dict:
         rows = []
         for a in sorted(assignments, key=lambda a: (a.split, a.label, a.source.name)):
             target = staging / a.split / a.label / a.source.name
-            shutil.copyfile(a.source, target)
+            link_or_copy(a.source, target)
             counts[a.split][a.label] += 1
             rows.append({"path": f"{a.split}/{a.label}/{a.source.name}", "split": a.split,
                          "label": a.label, "sha256": a.sha256})

@@ -63,3 +63,12 @@ def test_small_classes_get_an_image_in_every_split(tmp_path):
     assignments = assign(list_class_images(tmp_path / "raw"), FRACTIONS, 0)
     for label in {a.label for a in assignments}:
         assert {a.split for a in assignments if a.label == label} == {"train", "val", "test"}
+
+
+def test_split_files_are_links_to_the_raw_images_not_copies(tmp_path):
+    make_folder(tmp_path / "raw", classes=2, per_class=10)
+    write_split(assign(list_class_images(tmp_path / "raw"), FRACTIONS, 0), tmp_path / "split")
+    raw = {(f.parent.name, f.name): f.stat().st_ino for f in (tmp_path / "raw").rglob("*.jpg")}
+    written = list((tmp_path / "split").rglob("*.jpg"))
+    assert len(written) == 20
+    assert all(f.stat().st_ino == raw[f.parent.name, f.name] for f in written)  # the same bytes on disk, once
