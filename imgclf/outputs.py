@@ -36,7 +36,9 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     summary = result.summary()
     summary["model_file_mb"] = round(model_path.stat().st_size / 2**20, 3)
     write_json(layout.summary(stage), summary)
-    run.log_metrics({k: v for k, v in summary.items()})
+    # the kept epoch's val_loss/val_accuracy under other names: logged at step 0 under the per-epoch
+    # names, they would add a stray point to those curves
+    run.log_metrics({(f"kept_{k}" if k in result.history else k): v for k, v in summary.items()})
     run.log_artifacts(history_path)
     run.log_model(model_path, stage, example, register_as)
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

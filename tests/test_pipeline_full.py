@@ -133,6 +133,16 @@ def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
     assert head.data.params["model.backbone"] == "mobilenetv2"
     assert head.data.tags["git_commit"] != "unknown"
     assert "finetune_accuracy" in parents[0].data.metrics
+    # one point per epoch on each curve; the kept epoch's numbers under their own names
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for stage in ("baseline", "head", "finetune"):
+        child = next(r for r in children if r.data.tags["stage"] == stage)
+        summary = json.loads((project / f"reports/{stage}/summary.json").read_text())
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert steps == list(range(summary["epochs_run"])), (stage, steps)
+        assert child.data.metrics["kept_val_accuracy"] == pytest.approx(summary["val_accuracy"])
 
 
 def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
