@@ -26,8 +26,8 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
 def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun,
                           example: np.ndarray, register_as: str = "") -> dict:
     """The model (with its ModelInfo), per-epoch history, summary numbers, and the same in MLflow (the
-    per-epoch metrics were logged live); ``example``: images the model takes, from which the
-    logged model's signature is inferred; ``register_as``: a Model Registry name for it."""
+    per-epoch metrics were logged live); ``example``: images the model takes, the first of which
+    becomes the logged model's input example; ``register_as``: a Model Registry name for it."""
     stage = info.stage
     model_path = layout.model(stage)
     save_model(result.model, model_path, info)
