@@ -203,7 +203,6 @@ class StageRun:
         from mlflow.types import ColSpec, Schema
 
         from . import images, mlflow_model
-
         from .modelio import read_metadata
 
         class_names = read_metadata(model_path).class_names
