@@ -248,7 +248,7 @@ class StageRun:
 
 def served_example(images) -> "Any":
     """The first of ``images`` (uint8-range RGB) as the served model's input: a one-row frame
-    with the base64 text of a PNG file. MLflow infers the signature from it and stores it."""
+    with the base64 text of a PNG file, stored with the model as its input example."""
     import base64
     import io
 
