@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def apply(raw: dict, overrides: str) -> dict:
 
 
 def score(model, subset, params) -> dict:
-    probs = predict_probs(model, subset.images, params.train.tta)
+    probs = predict_probs(model, subset, params.train.tta)
     m = summary_metrics(Predictions(probs, subset.labels, subset.class_names))
     return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
 
@@ -75,18 +76,22 @@ def main() -> None:
                    "test": score(result.model, test, params)}
             print("RESULT " + json.dumps(row), flush=True)
             continue
-        head_key = json.dumps([params.model.__dict__, params.head.__dict__, params.train.__dict__], default=str)
+        head_key = json.dumps([params.model.__dict__, params.head.__dict__, params.train.__dict__,
+                               params.finetune.unfreeze_layers], default=str)
         training.configure(params.seed, params.train)
         if head_key not in heads:
-            result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
-                                             params.seed)
+            backbone, cut = training.backbone_cut(params.model, params.finetune)
+            work = Path(tempfile.mkdtemp(prefix="sweep-"))  # activations and features on disk
+            acts = training.compute_activations(backbone, cut, params.model.backbone, train, val, work / "acts")
+            result = training.train_head_on_activations(acts, params.model, params.head, params.train,
+                                                        params.seed, work)
             heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),
-                               score(result.model, test, params))
-        weights, head_seconds, head_val, head_test = heads[head_key]
+                               score(result.model, test, params), acts, work)
+        weights, head_seconds, head_val, head_test, acts, work = heads[head_key]
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
-                                         params.seed)
+                                         params.seed, acts, work)
         row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
                "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .datasets import ImageSet, image_batches
+from .datasets import Examples, batches
 from .evaluation import expected_calibration_error
 from .inference import INFERENCE_BATCH
 
@@ -56,12 +56,23 @@ def output_layer(model: keras.Model) -> keras.layers.Dense:
     return layer
 
 
-def logits(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    """The last layer's pre-softmax outputs, from its input features (one pass of the model)."""
-    features = keras.Model(model.inputs, output_layer(model).input).predict(
-        image_batches(images, INFERENCE_BATCH), verbose=0)
+def logits(model: keras.Model, inputs: Examples) -> np.ndarray:
+    """The last layer's pre-softmax outputs for ``inputs`` (whatever the model takes: images,
+    cached features or activations), from its input features (one streamed pass)."""
+    features = _pre_logits(model).predict(batches(inputs, INFERENCE_BATCH, labels=False), verbose=0)
     kernel, bias = (np.asarray(w, dtype=np.float64) for w in output_layer(model).get_weights())
     return features.astype(np.float64) @ kernel + bias
+
+
+def _pre_logits(model: keras.Model) -> keras.Model:
+    """``model`` without its last layer. Our models are chains of layers; they are called again
+    on a new input because a model that shares its layers with another (fine-tuning's top
+    classifier) cannot be cut at ``layer.input``, which belongs to the first model."""
+    inputs = keras.Input(model.input.shape[1:])
+    x = inputs
+    for layer in model.layers[1:-1]:  # after the InputLayer, before the output layer
+        x = layer(x, training=False)
+    return keras.Model(inputs, x)
 
 
 def fold_temperature(model: keras.Model, temperature: float) -> None:
@@ -70,10 +81,10 @@ def fold_temperature(model: keras.Model, temperature: float) -> None:
     layer.set_weights([w / temperature for w in layer.get_weights()])
 
 
-def calibrate(model: keras.Model, val: ImageSet, bins: int = 10) -> dict[str, float]:
-    """Fit T on the validation images, fold it into ``model``; return T and the validation
+def calibrate(model: keras.Model, val: Examples, bins: int = 10) -> dict[str, float]:
+    """Fit T on the validation examples, fold it into ``model``; return T and the validation
     NLL and ECE before and after."""
-    z = logits(model, val.images)
+    z = logits(model, val)
     temperature = fit_temperature(z, val.labels)
     fold_temperature(model, temperature)
     before, after = softmax(z), softmax(z / temperature)

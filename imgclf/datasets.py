@@ -1,28 +1,60 @@
-"""Images of ``data/split`` as in-memory arrays and tf.data pipelines.
+"""Examples (images or cached backbone outputs) as tf.data pipelines.
 
-Every image is decoded and resized once per stage; epochs then read the cached uint8
-arrays, shuffled, augmented on the fly when asked, and prefetched.
+Anything with ``labels``, ``class_names``, ``record_shape``, ``dtype`` and ``read(indices)``
+is a set of examples: a split of an on-disk store (:class:`imgclf.store.StoredSet`, what
+the stages use) or an in-memory :class:`ImageSet` (tests, benchmarks). Pipelines shuffle
+indices only and read each batch's records when it is needed, so memory does not grow
+with the number of examples.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from .images import is_image_path, load_images
+from .images import is_image_path
 from .project import DataError
+
+
+class Examples(Protocol):
+    labels: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def record_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def read(self, indices) -> np.ndarray: ...
 
 
 @dataclass
 class ImageSet:
-    images: np.ndarray  # (N, H, W, 3) uint8
+    """Examples held in memory: ``images`` is any ``(N, ...)`` array."""
+
+    images: np.ndarray
     labels: np.ndarray  # (N,) int32
     paths: list[str]
     class_names: list[str]
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def record_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.images.dtype
+
+    def read(self, indices) -> np.ndarray:
+        return self.images[np.asarray(indices, dtype=np.int64)]
 
 
 def class_names(split_dir: Path) -> list[str]:
@@ -35,7 +67,8 @@ def class_names(split_dir: Path) -> list[str]:
     return names
 
 
-def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> ImageSet:
+def list_subset(split_dir: Path, subset: str, names: list[str]) -> tuple[list[str], np.ndarray]:
+    """Image files of ``split_dir/subset/<class>/`` in class order, and their labels."""
     paths, labels = [], []
     for index, name in enumerate(names):
         folder = split_dir / subset / name
@@ -46,40 +79,47 @@ def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> Im
         labels.extend([index] * len(files))
     if not paths:
         raise DataError(f"no images in {split_dir / subset}")
-    return ImageSet(load_images(paths, size), np.asarray(labels, dtype=np.int32), paths, names)
+    return paths, np.asarray(labels, dtype=np.int32)
 
 
-def load_train_val(split_dir: Path, size: int, names: list[str] | None = None
-                   ) -> tuple[ImageSet, ImageSet]:
-    """Training and validation images at ``size`` (class names from the train folders by default)."""
-    names = names or class_names(split_dir)
-    return load_subset(split_dir, "train", size, names), load_subset(split_dir, "val", size, names)
+def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> ImageSet:
+    """A split decoded into memory (small data: tests, sweeps). Stages read the store instead."""
+    from .images import load_images
+
+    paths, labels = list_subset(split_dir, subset, names)
+    return ImageSet(load_images(paths, size), labels, paths, names)
 
 
-def to_dataset(inputs: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int,
-               shuffle: bool = False, seed: int = 0, augment=None):
-    """A batched, prefetched tf.data pipeline with one-hot labels."""
+def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None,
+            labels: bool = True, repeat: bool = False):
+    """A batched, prefetched tf.data pipeline of float32 inputs (and one-hot labels).
+
+    Only indices are shuffled (reshuffled every epoch); each batch's records are read in a
+    parallel map. With the same seed the order equals that of shuffling the examples themselves.
+    """
     import tensorflow as tf
 
-    one_hot = np.eye(num_classes, dtype=np.float32)[labels]
-    ds = tf.data.Dataset.from_tensor_slices((inputs, one_hot))
+    count = len(examples)
+    ds = tf.data.Dataset.range(count)
     if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    dtype, shape = tf.as_dtype(examples.dtype), examples.record_shape
     to_float = _batch_to_float(augment)
-    ds = ds.batch(batch_size).map(lambda x, y: (to_float(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    classes, label_of = len(examples.class_names), tf.constant(np.asarray(examples.labels, np.int32))
+
+    def load(indices):
+        x = tf.numpy_function(examples.read, [indices], dtype, name="read_records")
+        x = to_float(tf.ensure_shape(x, (None, *shape)))
+        return (x, tf.one_hot(tf.gather(label_of, indices), classes)) if labels else x
+
+    ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def image_batches(images: np.ndarray, batch_size: int, augment=None):
-    """Images only, batched and cast to float32 per batch (no full float copy in memory)."""
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return ds.map(_batch_to_float(augment), num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
 def _batch_to_float(augment=None):
-    """Batch -> float32 (per batch, so no full float copy of the images), augmented if asked."""
+    """Batch -> float32 (per batch, so no full float copy of the inputs), augmented if asked."""
     import tensorflow as tf
 
     if augment is None:

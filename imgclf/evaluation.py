@@ -134,10 +134,11 @@ def confidently_wrong(pred: Predictions, count: int) -> np.ndarray:
     return wrong[np.argsort(-pred.confidence[wrong], kind="stable")][:count]
 
 
-def timed_predictions(predict, images: np.ndarray) -> tuple[np.ndarray, float]:
-    """``predict(images)`` and its throughput in images per second, timed after a warm-up
-    call on a few images (graph tracing), so the test set is predicted only once."""
-    predict(images[: min(len(images), 8)])
+def timed_predictions(predict, images) -> tuple[np.ndarray, float]:
+    """``predict(images)`` (an array or a split of the store) and its throughput in images
+    per second, timed after a warm-up call on a few images (graph tracing), so the test set is
+    predicted only once."""
+    predict(images.read(np.arange(min(len(images), 8))) if hasattr(images, "read") else images[:8])
     started = time.perf_counter()
     outputs = predict(images)
     return outputs, float(len(images) / (time.perf_counter() - started))

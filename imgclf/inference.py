@@ -6,7 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .datasets import image_batches
+from .datasets import Examples, ImageSet, batches
 
 # Inference-only passes use larger batches than training: a little faster on CPU, and the
 # batch size cannot change a prediction (no batch statistics at inference).
@@ -24,13 +24,19 @@ def serving_function(model: keras.Model, tta: bool):
                            + model(tf.reverse(images, axis=[2]), training=False)) / 2
 
 
-def predict_probs(model: keras.Model, images: np.ndarray, tta: bool,
+def predict_probs(model: keras.Model, images: np.ndarray | Examples, tta: bool,
                   batch_size: int = INFERENCE_BATCH) -> np.ndarray:
-    """Class probabilities for uint8 or float images in 0..255 (cast to float32 per batch)."""
+    """Class probabilities for images in 0..255: an array (uint8 or float) or a set of examples
+    (a split of the store), streamed in batches and cast to float32 per batch."""
+    if isinstance(images, np.ndarray):
+        images = ImageSet(images, np.zeros(len(images), np.int32), [], ["_"])
     if len(images) == 0:
         return np.empty((0, model.output.shape[-1]), np.float32)
-    probs = model.predict(image_batches(images, batch_size), verbose=0)
+    import tensorflow as tf
+
+    ds = batches(images, batch_size, labels=False)
+    probs = model.predict(ds, verbose=0)
     if tta:
-        mirrored = np.ascontiguousarray(images[:, :, ::-1])
-        probs = (probs + model.predict(image_batches(mirrored, batch_size), verbose=0)) / 2
+        mirrored = ds.map(lambda x: tf.reverse(x, axis=[2]))
+        probs = (probs + model.predict(mirrored, verbose=0)) / 2
     return probs

@@ -1,6 +1,7 @@
 """Validate, de-duplicate and write raw images to ``data/raw/<class>/``, with a report."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,9 +52,13 @@ class _Valid:
     origin: str
     sha256: str
     dhash: bytes
-    data: bytes
+    data: bytes | None  # None once written to the staging folder: no image is held in memory
     extension: str
     converted: bool
+
+    @property
+    def staged_name(self) -> str:
+        return f"{self.sha256}{self.extension}"
 
     @property
     def filename(self) -> str:
@@ -90,6 +95,8 @@ def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, *, max
     report = IngestReport()
     by_hash: dict[str, dict[str, _Valid]] = defaultdict(dict)  # sha -> label -> first seen
     labels_seen: set[str] = set()
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    incoming = staging / ".incoming"  # every valid image, written as soon as it is checked
 
     def consume(result: _Valid | dict) -> None:
         if isinstance(result, dict):
@@ -99,44 +106,46 @@ def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, *, max
         if kept is not None:
             report.duplicates.append({"label": result.label, "kept": kept.origin,
                                       "dropped": result.origin, "sha256": result.sha256})
-        else:
-            by_hash[result.sha256][result.label] = result
+            return
+        if not by_hash[result.sha256]:
+            (incoming / result.staged_name).write_bytes(result.data)
+        by_hash[result.sha256][result.label] = dataclasses.replace(result, data=None)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending = []
-        for item in items:
-            if isinstance(item, tuple):
-                report.skipped.append({"origin": item[0], "label": None, "reason": item[1]})
-                continue
-            labels_seen.add(item.label)
-            pending.append(pool.submit(_validate, item))
-            if len(pending) >= 256:
-                for future in pending:
-                    consume(future.result())
-                pending = []
-        for future in pending:
-            consume(future.result())
-
-    per_label: dict[str, list[_Valid]] = defaultdict(list)
-    for sha, entries in by_hash.items():
-        if len(entries) > 1:
-            report.conflicts.append({"kind": "identical", "labels": sorted(entries),
-                                     "origins": sorted(v.origin for v in entries.values())})
-            continue
-        (valid,) = entries.values()
-        per_label[valid.label].append(valid)
-    groups = _near_duplicates(per_label, near_duplicate_bits, report)
-
-    empty = sorted(labels_seen - {label for label, v in per_label.items() if v})
-    if not per_label:
-        raise DataError("no valid images found in the data source")
-    if empty:
-        raise DataError(f"class folder(s) with no valid images: {', '.join(empty)} "
-                         "(remove them or add images)")
-
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    incoming.mkdir(parents=True)
     try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending = []
+            for item in items:
+                if isinstance(item, tuple):
+                    report.skipped.append({"origin": item[0], "label": None, "reason": item[1]})
+                    continue
+                labels_seen.add(item.label)
+                pending.append(pool.submit(_validate, item))
+                if len(pending) >= 256:
+                    for future in pending:
+                        consume(future.result())
+                    pending = []
+            for future in pending:
+                consume(future.result())
+
+        per_label: dict[str, list[_Valid]] = defaultdict(list)
+        for sha, entries in by_hash.items():
+            if len(entries) > 1:
+                report.conflicts.append({"kind": "identical", "labels": sorted(entries),
+                                         "origins": sorted(v.origin for v in entries.values())})
+                continue
+            (valid,) = entries.values()
+            per_label[valid.label].append(valid)
+        groups = _near_duplicates(per_label, near_duplicate_bits, report)
+
+        empty = sorted(labels_seen - {label for label, v in per_label.items() if v})
+        if not per_label:
+            raise DataError("no valid images found in the data source")
+        if empty:
+            raise DataError(f"class folder(s) with no valid images: {', '.join(empty)} "
+                             "(remove them or add images)")
+
         for label, images in sorted(per_label.items()):
             images.sort(key=lambda v: hashlib.sha256(f"{seed}:{v.sha256}".encode()).hexdigest())
             if max_per_class and len(images) > max_per_class:
@@ -145,9 +154,10 @@ def ingest(items: Iterable[SourceImage | tuple[str, str]], out_dir: Path, *, max
             folder = staging / label
             folder.mkdir(parents=True)
             for valid in images:
-                (folder / valid.filename).write_bytes(valid.data)
+                os.replace(incoming / valid.staged_name, folder / valid.filename)
                 report.converted += valid.converted
             report.counts[label] = len(images)
+        shutil.rmtree(incoming)
         kept_groups = [[f"{v.label}/{v.filename}" for v in group if (staging / v.label / v.filename).exists()]
                        for group in groups]
         kept_groups = [group for group in kept_groups if len(group) > 1]

@@ -76,13 +76,6 @@ def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
     return model
 
 
-def fetch_weights(config: ModelParams) -> None:
-    """Bring the backbone's ImageNet weights into Keras' cache now (a no-op when cached or
-    with ``weights: none``), so a machine without them fails before any image is decoded."""
-    if config.weights != "none":
-        build_backbone(config.backbone, config.weights, config.image_size)
-
-
 def _head(x, config: ModelParams, num_classes: int):
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
     if config.hidden_units:
@@ -91,20 +84,32 @@ def _head(x, config: ModelParams, num_classes: int):
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name=OUTPUT_LAYER)(x)
 
 
-def build_transfer_model(config: ModelParams, num_classes: int) -> keras.Model:
-    """Frozen backbone plus a fresh classification head."""
+def build_transfer_model(config: ModelParams, num_classes: int, backbone: keras.Model | None = None
+                         ) -> keras.Model:
+    """Frozen backbone (built from ``config``, or the given one) plus a fresh classification head."""
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     x = preprocess(inputs, config.backbone)
-    backbone = build_backbone(config.backbone, config.weights, config.image_size)
+    if backbone is None:
+        backbone = build_backbone(config.backbone, config.weights, config.image_size)
     backbone.trainable = False
     x = backbone(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
     x = layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     return keras.Model(inputs, _head(x, config, num_classes), name=f"{config.backbone}_classifier")
 
 
-def feature_extractor(model: keras.Model) -> keras.Model:
-    """The frozen part of a transfer model: image -> pooled backbone features."""
-    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
+def image_extractor(backbone_name: str, bottom: keras.Model, image_size: int) -> keras.Model:
+    """Raw image -> the backbone's preprocessing -> its frozen bottom (what the activations
+    stage runs once per image)."""
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    return keras.Model(inputs, bottom(preprocess(inputs, backbone_name), training=False), name="bottom_extractor")
+
+
+def pooled_top(top: keras.Model) -> keras.Model:
+    """Bottom activations -> the (frozen) backbone top -> global average pooling: the head's
+    features, computed from cached activations instead of a second pass over the images."""
+    inputs = keras.Input(top.input.shape[1:], name="activations")
+    pooled = layers.GlobalAveragePooling2D(name=POOL_LAYER)(top(inputs, training=False))
+    return keras.Model(inputs, pooled, name="pooled_top")
 
 
 def build_head_model(feature_dim: int, config: ModelParams, num_classes: int) -> keras.Model:
@@ -159,15 +164,22 @@ def split_backbone(backbone: keras.Model, count: int) -> tuple[keras.Model, kera
     layer_list = backbone.layers
     start = min(max(len(layer_list) - count, 1), len(layer_list) - 1)
     for index in range(start, 0, -1):
-        tensor = layer_list[index].input
-        if isinstance(tensor, (list, tuple)):
-            continue
         try:
-            top = keras.Model(tensor, backbone.output, name="backbone_top")
+            bottom, top = split_at(backbone, index)
         except ValueError:  # a skip connection from below the cut: not separable here
             continue
-        return keras.Model(backbone.input, tensor, name="backbone_bottom"), top, index
+        return bottom, top, index
     raise ValueError(f"cannot split backbone {backbone.name} below its top {count} layers")
+
+
+def split_at(backbone: keras.Model, index: int) -> tuple[keras.Model, keras.Model]:
+    """(bottom, top) of ``backbone`` cut at the input of layer ``index``; ValueError where a
+    skip connection crosses that point."""
+    tensor = backbone.layers[index].input
+    if isinstance(tensor, (list, tuple)):
+        raise ValueError(f"layer {index} of {backbone.name} has several inputs")
+    top = keras.Model(tensor, backbone.output, name="backbone_top")
+    return keras.Model(backbone.input, tensor, name="backbone_bottom"), top
 
 
 def unfreeze_from(model: keras.Model, first: int) -> int:

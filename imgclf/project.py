@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def project_root() -> Path:
@@ -31,6 +33,27 @@ class Layout:
     @property
     def split(self) -> Path:
         return self.root / "data" / "split"
+
+    def store(self, name: str) -> Path:
+        """The decoded images at one input size (``baseline`` or ``transfer``), per split."""
+        return self.root / "data" / "store" / name
+
+    def model_store(self, model: str) -> Path:
+        """The store holding images at a model's input size: the baseline's own, else the transfer one."""
+        return self.store("baseline" if model == "baseline" else "transfer")
+
+    @property
+    def activations(self) -> Path:
+        """The frozen backbone bottom's outputs for the train and val images, and that backbone."""
+        return self.root / "data" / "activations"
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A temporary folder under data/ (on the data's disk, not a RAM-backed /tmp), removed after."""
+        folder = self.root / "data"
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=folder) as tmp:
+            yield Path(tmp)
 
     @property
     def models(self) -> Path:

@@ -1,4 +1,10 @@
-"""Training phases: baseline CNN, frozen-backbone head (cached features or not), fine-tuning."""
+"""Training phases: baseline CNN, frozen-backbone head, fine-tuning.
+
+The frozen bottom of the backbone runs once per image (:func:`compute_activations`, the
+activations stage); the head trains on features pooled from those activations through the
+frozen top, and fine-tuning trains the top on the same activations. Every pass streams
+batches from disk, so memory does not grow with the data.
+"""
 from __future__ import annotations
 
 import tempfile
@@ -12,17 +18,21 @@ import numpy as np
 
 from . import calibration, models
 from .augment import augmentation
-from .datasets import ImageSet, image_batches, to_dataset
+from .datasets import Examples, batches
 from .inference import INFERENCE_BATCH
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
+from .project import DataError
+from .store import RecordFile, RecordWriter, StoredSet
 
 
 @dataclass
 class TrainResult:
-    model: keras.Model
+    model: keras.Model  # the full image model
     history: dict[str, list[float]]
     seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    trained: keras.Model | None = None  # the model that trained, on its own inputs (None: ``model``)
+    val_inputs: Examples | None = None  # validation examples as ``trained`` takes them
 
     @property
     def epochs_run(self) -> int:
@@ -113,7 +123,7 @@ def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
                   metrics=["accuracy"])
 
 
-def train_baseline(train_set: ImageSet, val_set: ImageSet, baseline: BaselineParams, train: TrainParams,
+def train_baseline(train_set: Examples, val_set: Examples, baseline: BaselineParams, train: TrainParams,
                    augment: AugmentParams, seed: int, on_epoch: EpochHook | None = None) -> TrainResult:
     """A CNN from scratch on augmented images; with ``lr_schedule: cosine`` the learning
     rate decays from ``learning_rate`` to 0 over ``epochs`` (the best epoch is kept)."""
@@ -125,68 +135,130 @@ def train_baseline(train_set: ImageSet, val_set: ImageSet, baseline: BaselinePar
     with strategy().scope():
         model = models.build_baseline(baseline, n)
         _compile(model, learning_rate, train.label_smoothing)
-    train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True,
-                          seed=seed, augment=augmentation(augment, seed))
-    val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
-    history, seconds = fit(model, train_ds, val_ds, baseline.epochs, baseline.patience, on_epoch=on_epoch)
-    return TrainResult(model, history, seconds)
+    train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=augmentation(augment, seed))
+    history, seconds = fit(model, train_ds, batches(val_set, batch), baseline.epochs, baseline.patience,
+                           on_epoch=on_epoch)
+    return TrainResult(model, history, seconds, val_inputs=val_set)
 
 
-def extract_features(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    """Pooled backbone features, computed once (the backbone is frozen)."""
-    return models.feature_extractor(model).predict(image_batches(images, INFERENCE_BATCH), verbose=0)
+def compute_outputs(model: keras.Model, examples: Examples, path: Path, augment=None) -> StoredSet:
+    """Run a frozen ``model`` once over every example, streaming its float32 outputs into the
+    record file ``path`` (``.npy``); returns them as examples with the same labels and paths."""
+    shape = tuple(model.output.shape[1:])
+    with RecordWriter(path, len(examples), shape, np.float32) as writer:
+        for x in batches(examples, INFERENCE_BATCH, augment=augment, labels=False):
+            writer.write(np.asarray(model.predict_on_batch(x)))
+    return StoredSet(RecordFile(path), examples.labels, list(getattr(examples, "paths", [])),
+                     examples.class_names)
 
 
-def train_head(train_set: ImageSet, val_set: ImageSet, model_config: ModelParams, head: HeadParams,
-               train: TrainParams, augment: AugmentParams, seed: int,
-               use_cache: bool | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
-    """Phase 1: the backbone frozen, only the head trains.
+@dataclass
+class Activations:
+    """The frozen bottom's outputs for the train and val images, and the backbone they came
+    from, cut at the input of its layer ``cut`` (what the activations stage writes)."""
 
-    With ``head.cache_features`` (and no ``head.augment``) the backbone runs once per image
-    and the head trains on the cached pooled features; the weights are then copied into the
-    full model, so both paths give the same kind of model.
-    """
+    train: Examples
+    val: Examples
+    backbone: keras.Model
+    cut: int
+
+
+def backbone_cut(model_config: ModelParams, finetune: FinetuneParams) -> tuple[keras.Model, int]:
+    """The backbone (ImageNet weights from Keras' cache, or random with ``weights: none``) and
+    the index of the first layer fine-tuning trains: the cut of the cached activations."""
+    with strategy().scope():  # its variables are those of the models built around it
+        backbone = models.build_backbone(model_config.backbone, model_config.weights, model_config.image_size)
+    _, _, cut = models.split_backbone(backbone, finetune.unfreeze_layers)
+    return backbone, cut
+
+
+def compute_activations(backbone: keras.Model, cut: int, backbone_name: str, train_set: Examples,
+                        val_set: Examples, folder: Path) -> Activations:
+    """Run the backbone's bottom (below layer ``cut``) once over the train and val images,
+    into ``folder/{train,val}.npy``."""
+    bottom, _ = models.split_at(backbone, cut)
+    extractor = models.image_extractor(backbone_name, bottom, train_set.record_shape[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return Activations(compute_outputs(extractor, train_set, folder / "train.npy"),
+                       compute_outputs(extractor, val_set, folder / "val.npy"), backbone, cut)
+
+
+def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, model_config: ModelParams,
+               head: HeadParams, train: TrainParams, augment: AugmentParams, seed: int,
+               on_epoch: EpochHook | None = None) -> TrainResult:
+    """Phase 1 on images: the frozen ``backbone`` runs every step (``head.augment``, or
+    ``cache_features: false``), with on-the-fly augmentation when ``head.augment``."""
     n, batch = len(train_set.class_names), train.batch_size
-    if use_cache is None:
-        use_cache = head.cache_features and not head.augment
     with strategy().scope():
-        model = models.build_transfer_model(model_config, n)
+        model = models.build_transfer_model(model_config, n, backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
-    if not use_cache:
-        aug = augmentation(augment, seed) if head.augment else None
-        train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
-        val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
-        history, seconds = fit(model, train_ds, val_ds, head.epochs, head.patience, on_epoch=on_epoch)
-        return TrainResult(model, history, seconds, {"cached_features": 0})
+    aug = augmentation(augment, seed) if head.augment else None
+    train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=aug)
+    history, seconds = fit(model, train_ds, batches(val_set, batch), head.epochs, head.patience, on_epoch=on_epoch)
+    return TrainResult(model, history, seconds, {"cached_features": 0}, val_inputs=val_set)
 
+
+def train_head_on_activations(activations: Activations, model_config: ModelParams, head: HeadParams,
+                              train: TrainParams, seed: int, workdir: Path,
+                              on_epoch: EpochHook | None = None) -> TrainResult:
+    """Phase 1 from the cached activations: the frozen top runs once per image into pooled
+    features (on disk in ``workdir``), the head trains on them, and its weights are copied
+    into the full image model, so both paths give the same kind of model."""
+    n, batch = len(activations.train.class_names), train.batch_size
+    with strategy().scope():
+        model = models.build_transfer_model(model_config, n, activations.backbone)
+        _compile(model, head.learning_rate, train.label_smoothing)
     started = time.perf_counter()
-    train_features = extract_features(model, train_set.images)
-    val_features = extract_features(model, val_set.images)
+    _, top = models.split_at(activations.backbone, activations.cut)
+    pooled = models.pooled_top(top)
+    train_features = compute_outputs(pooled, activations.train, workdir / "features_train.npy")
+    val_features = compute_outputs(pooled, activations.val, workdir / "features_val.npy")
     feature_seconds = time.perf_counter() - started
     with strategy().scope():
-        head_model = models.build_head_model(train_features.shape[1], model_config, n)
+        head_model = models.build_head_model(train_features.record_shape[0], model_config, n)
         _compile(head_model, head.learning_rate, train.label_smoothing)
-    train_ds = to_dataset(train_features, train_set.labels, n, batch, shuffle=True, seed=seed)
-    val_ds = to_dataset(val_features, val_set.labels, n, batch)
-    history, fit_seconds = fit(head_model, train_ds, val_ds, head.epochs, head.patience, on_epoch=on_epoch)
+    train_ds = batches(train_features, batch, shuffle=True, seed=seed)
+    history, fit_seconds = fit(head_model, train_ds, batches(val_features, batch), head.epochs, head.patience,
+                               on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
-                       {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)})
+                       {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)},
+                       trained=head_model, val_inputs=val_features)
 
 
-def _extract(extractor: keras.Model, images: np.ndarray, augment=None) -> np.ndarray:
-    return extractor.predict(image_batches(images, INFERENCE_BATCH, augment), verbose=0)
+class _Views:
+    """Several record sets of the same examples (the original and augmented views) as one."""
+
+    def __init__(self, views: list[Examples]):
+        self.views, self.size = views, len(views[0])
+        self.labels = np.tile(views[0].labels, len(views))
+        self.class_names = views[0].class_names
+        self.record_shape, self.dtype = views[0].record_shape, views[0].dtype
+
+    def __len__(self) -> int:
+        return self.size * len(self.views)
+
+    def read(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *self.record_shape), self.dtype)
+        for v, view in enumerate(self.views):
+            mask = indices // self.size == v
+            if mask.any():
+                out[mask] = view.read(indices[mask] % self.size)
+        return out
 
 
-def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, finetune: FinetuneParams,
+def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, finetune: FinetuneParams,
                    train: TrainParams, augment: AugmentParams, seed: int,
+                   activations: Activations | None = None, workdir: Path | None = None,
                    on_epoch: EpochHook | None = None) -> TrainResult:
     """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate.
 
-    With ``finetune.cache_activations`` the frozen bottom of the backbone runs once per
-    image view (``cached_views``: the original plus randomly augmented copies) and only the
-    unfrozen top and the head train, each epoch on one random view of every image. Without
-    it, the whole model runs every step with fresh augmentation.
+    With ``finetune.cache_activations`` only the unfrozen top and the head train, on the
+    cached ``activations`` of the frozen bottom, each epoch on one view of every image: the
+    original, or one of ``cached_views - 1`` augmented copies (computed here, into
+    ``workdir``). Without it, the whole model runs every step with fresh augmentation on
+    ``train_set``/``val_set`` (images).
     """
     n, batch = len(train_set.class_names), train.batch_size
     bottom, top, first = models.split_backbone(models.find_backbone(model), finetune.unfreeze_layers)
@@ -196,41 +268,86 @@ def train_finetune(model: keras.Model, train_set: ImageSet, val_set: ImageSet, f
     aug = augmentation(augment, seed)
     if not finetune.cache_activations:
         _compile(model, finetune.learning_rate, train.label_smoothing)  # recompile after trainable changes
-        train_ds = to_dataset(train_set.images, train_set.labels, n, batch, shuffle=True, seed=seed, augment=aug)
-        val_ds = to_dataset(val_set.images, val_set.labels, n, batch)
-        history, seconds = fit(model, train_ds, val_ds, finetune.epochs, finetune.patience,
+        train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=aug)
+        history, seconds = fit(model, train_ds, batches(val_set, batch), finetune.epochs, finetune.patience,
                                finetune.reduce_lr_patience, on_epoch=on_epoch)
-        return TrainResult(model, history, seconds, extra)
+        return TrainResult(model, history, seconds, extra, val_inputs=val_set)
 
+    if activations is None or activations.cut != first:
+        have = "none" if activations is None else f"cut at layer {activations.cut}"
+        raise DataError(f"finetune.unfreeze_layers={finetune.unfreeze_layers} cuts the backbone at layer "
+                         f"{first}; the cached activations: {have} (rerun the activations stage)")
     started = time.perf_counter()
-    extractor = models.bottom_extractor(model, bottom)
-    views = [_extract(extractor, train_set.images)]
-    for _ in range(1, finetune.cached_views):
-        views.append(_extract(extractor, train_set.images, aug))
-    val_act = _extract(extractor, val_set.images)
+    views = [activations.train]
+    if finetune.cached_views > 1:
+        extractor = models.bottom_extractor(model, bottom)
+        views += [compute_outputs(extractor, train_set, workdir / f"view_{v}.npy", aug)
+                  for v in range(1, finetune.cached_views)]
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
     _compile(classifier, finetune.learning_rate, train.label_smoothing)
-    import tensorflow as tf
-
-    acts = np.concatenate(views)
-    labels = np.eye(n, dtype=np.float32)[np.tile(train_set.labels, len(views))]
-    train_ds = (tf.data.Dataset.from_tensor_slices((acts, labels))
-                .shuffle(len(acts), seed=seed).repeat().batch(batch).prefetch(tf.data.AUTOTUNE))
-    val_ds = to_dataset(val_act, val_set.labels, n, batch)
-    steps = int(np.ceil(len(train_set) / batch))  # an epoch = one view of every image, on average
-    history, fit_seconds = fit(classifier, train_ds, val_ds, finetune.epochs, finetune.patience,
-                               finetune.reduce_lr_patience, steps_per_epoch=steps, on_epoch=on_epoch)
-    extra["activation_seconds"] = round(extract_seconds, 2)
-    return TrainResult(model, history, extract_seconds + fit_seconds, extra)
+    train_ds = batches(_Views(views), batch, shuffle=True, seed=seed, repeat=True)
+    steps = int(np.ceil(len(activations.train) / batch))  # an epoch = one view of every image, on average
+    history, fit_seconds = fit(classifier, train_ds, batches(activations.val, batch), finetune.epochs,
+                               finetune.patience, finetune.reduce_lr_patience, steps_per_epoch=steps,
+                               on_epoch=on_epoch)
+    extra["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
+    return TrainResult(model, history, extract_seconds + fit_seconds, extra,
+                       trained=classifier, val_inputs=activations.val)
 
 
-def calibrate(result: TrainResult, val_set: ImageSet, enabled: bool) -> float:
-    """Fit a temperature on the validation images and fold it into ``result.model`` (when
-    ``enabled``); its numbers join the training metrics. Returns the temperature (1: off)."""
+def calibrate(result: TrainResult, enabled: bool) -> float:
+    """Fit a temperature on the validation split (through the model that trained, on its own
+    inputs: no second pass of the frozen layers) and fold it into ``result.model``; its
+    numbers join the training metrics. Returns the temperature (1: off)."""
     if not enabled:
         return 1.0
     started = time.perf_counter()
-    fitted = calibration.calibrate(result.model, val_set)
+    trained = result.trained or result.model
+    fitted = calibration.calibrate(trained, result.val_inputs)
+    if calibration.output_layer(trained) is not calibration.output_layer(result.model):
+        calibration.fold_temperature(result.model, fitted["temperature"])
     result.extra.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
     return fitted["temperature"]
+
+
+BACKBONE_FILE = "backbone.keras"
+
+
+def write_activations(model_config: ModelParams, finetune: FinetuneParams, train_set, val_set,
+                      target: Path) -> dict:
+    """The activations stage: the backbone's frozen bottom once over the train and val images
+    of the store into ``target`` (``{train,val}.npy`` and ``.csv``, ``info.json``), with the
+    backbone itself (``backbone.keras``), so the head trains on exactly the weights that made
+    them. Written to a temporary folder that replaces ``target`` at the end. Returns the info."""
+    from .store import building, write_index, write_info
+
+    backbone, cut = backbone_cut(model_config, finetune)
+    bottom, _ = models.split_at(backbone, cut)
+    per_image = int(np.prod(bottom.output.shape[1:])) * 4
+    needed = (len(train_set) + len(val_set)) * per_image + 2**27  # + the backbone file
+    with building(target, needed) as tmp:
+        compute_activations(backbone, cut, model_config.backbone, train_set, val_set, tmp)
+        for split, examples in (("train", train_set), ("val", val_set)):
+            write_index(tmp / f"{split}.csv", examples.paths, examples.labels)
+        backbone.save(tmp / BACKBONE_FILE)
+        info = {"image_size": model_config.image_size, "backbone": model_config.backbone,
+                "weights": model_config.weights, "cut": cut, "cut_layer": backbone.layers[cut].name,
+                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:])}
+        write_info(tmp, train_set.class_names, {"train": len(train_set), "val": len(val_set)}, **info)
+    return info
+
+
+def open_activations(folder: Path, backbone: str, image_size: int, load_backbone: bool = True) -> Activations:
+    """The activations stage's output; a DataError if it was made for another backbone or size."""
+    from .store import open_split, read_info
+
+    info = read_info(folder)
+    if (info["backbone"], info["image_size"]) != (backbone, image_size):
+        raise DataError(f"{folder} holds {info['backbone']} activations at {info['image_size']} px, "
+                        f"not {backbone} at {image_size} px: run `dvc repro` to rebuild it")
+    model = None
+    if load_backbone:
+        with strategy().scope():
+            model = keras.models.load_model(folder / BACKBONE_FILE, compile=False, safe_mode=True)
+    return Activations(open_split(folder, "train"), open_split(folder, "val"), model, int(info["cut"]))

@@ -1,10 +1,10 @@
 """DVC stage `baseline`: a CNN trained from scratch -> models/baseline.keras."""
 from imgclf import tracking, training
-from imgclf.datasets import load_train_val
 from imgclf.modelio import ModelInfo
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
+from imgclf.store import open_split
 
 
 def main() -> None:
@@ -13,13 +13,13 @@ def main() -> None:
     training.configure(params.seed, params.train)
     with tracking.stage_run("baseline", params, layout.root) as run:
         size = params.baseline.image_size
-        train, val = load_train_val(layout.split, size)
+        train, val = (open_split(layout.store("baseline"), split, size) for split in ("train", "val"))
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed,
                                          on_epoch=run.log_epoch)
-        temperature = training.calibrate(result, val, params.train.calibrate)
+        temperature = training.calibrate(result, params.train.calibrate)
         info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta, temperature)
-        save_training_outputs(layout, result, info, run, val.images[:1])
+        save_training_outputs(layout, result, info, run, val.read([0]))
 
 
 if __name__ == "__main__":

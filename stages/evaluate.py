@@ -6,31 +6,30 @@ import json
 from imgclf import evaluation as ev
 from imgclf.calibration import uncalibrated
 from imgclf import figures, tracking
-from imgclf.datasets import load_subset
 from imgclf.inference import predict_probs
 from imgclf.modelio import load_model
 from imgclf.params import MODEL_NAMES, load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
+from imgclf.store import open_split
 
 
-def write_predictions(path, pred: ev.Predictions, paths: list[str], root) -> None:
+def write_predictions(path, pred: ev.Predictions, paths: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "actual", "predicted", "confidence"])
         for file, actual, predicted, conf in zip(paths, pred.labels, pred.predicted, pred.confidence):
-            rel = file[len(str(root)) + 1:] if file.startswith(str(root)) else file
-            writer.writerow([rel, pred.class_names[actual], pred.class_names[predicted], f"{conf:.4f}"])
+            writer.writerow([file, pred.class_names[actual], pred.class_names[predicted], f"{conf:.4f}"])
 
 
-def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
+def evaluate_model(name, layout, config, logged, run) -> tuple[dict, dict]:
     model, info = load_model(layout.model(name))
-    size, names = info.image_size, info.class_names
-    if size not in test_cache:
-        test_cache[size] = load_subset(layout.split, "test", size, names)
-        run.log_split(layout.root, layout.split, {"test": len(test_cache[size])}, "evaluation")
-    test = test_cache[size]
-    probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(model, x, info.tta), test.images)
+    names = info.class_names
+    test = open_split(layout.model_store(name), "test", info.image_size)  # streamed from disk
+    if not logged:
+        run.log_split(layout.root, layout.split, {"test": len(test)}, "evaluation")
+        logged.append(name)
+    probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(model, x, info.tta), test)
     pred = ev.Predictions(probs, test.labels, names)
     metrics = ev.summary_metrics(pred, config.calibration_bins)
     before = uncalibrated(probs, info.temperature)
@@ -46,7 +45,7 @@ def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
     reports.mkdir(parents=True, exist_ok=True)
     (reports / f"{name}_classification_report.txt").write_text(ev.classification_report(pred))
     (reports / f"{name}_per_class.md").write_text(ev.markdown_table(rows))
-    write_predictions(plots / f"{name}_predictions.csv", pred, test.paths, layout.root)
+    write_predictions(plots / f"{name}_predictions.csv", pred, test.paths)
     figures.confusion_heatmap(matrix, names, plots / f"{name}_confusion.png", f"{name}: normalized confusion")
     curves = {}
     for c, label in enumerate(names):
@@ -61,7 +60,7 @@ def evaluate_model(name, layout, config, test_cache, run) -> tuple[dict, dict]:
         plots / f"{name}_reliability.png", f"{name}: reliability on the test split")
     wrong = ev.confidently_wrong(pred, config.gallery_size)
     figures.image_grid(
-        [(test.paths[i], f"true {names[test.labels[i]]}\npred {names[pred.predicted[i]]} "
+        [(layout.root / test.paths[i], f"true {names[test.labels[i]]}\npred {names[pred.predicted[i]]} "
                          f"{pred.confidence[i]:.2f}") for i in wrong],
         plots / f"{name}_most_confident_errors.png", columns=4,
         title=f"{name}: most confidently wrong test images" + ("" if len(wrong) else " (none)"))
@@ -81,9 +80,9 @@ def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     with tracking.stage_run("evaluate", params, layout.root) as run:
-        results, diagnostics, cache = {}, {}, {}
+        results, diagnostics, logged = {}, {}, []
         for name in MODEL_NAMES:
-            results[name], diagnostics[name] = evaluate_model(name, layout, params.evaluate, cache, run)
+            results[name], diagnostics[name] = evaluate_model(name, layout, params.evaluate, logged, run)
         write_json(layout.headline_metrics, ev.headline_metrics(results))
         write_json(layout.summary("evaluate"), results)
         reports = layout.reports("evaluate")

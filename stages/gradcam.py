@@ -2,26 +2,27 @@
 import numpy as np
 
 from imgclf import figures, tracking
-from imgclf.datasets import load_subset
 from imgclf.gradcam import gradcam, pick_examples
 from imgclf.inference import predict_probs
 from imgclf.modelio import load_model
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
+from imgclf.store import open_split
 
 
 def draw(name: str, layout: Layout, count: int) -> None:
     model, info = load_model(layout.model(name))
     names = info.class_names
-    test = load_subset(layout.split, "test", info.image_size, names)
-    probs = predict_probs(model, test.images, info.tta)  # what evaluate measured and predict serves
+    test = open_split(layout.model_store(name), "test", info.image_size)
+    probs = predict_probs(model, test, info.tta)  # what evaluate measured and predict serves
     chosen = pick_examples(test.labels, probs, count)
-    heatmaps, _ = gradcam(model, test.images[chosen].astype(np.float32))
+    images = test.read(chosen)
+    heatmaps, _ = gradcam(model, images.astype(np.float32))
     predicted = probs[chosen].argmax(axis=1)
     captions = [f"true {names[test.labels[i]]}\npred {names[p]} {probs[i, p]:.2f}"
                 for i, p in zip(chosen, predicted)]
     colors = ["green" if test.labels[i] == p else "red" for i, p in zip(chosen, predicted)]
-    figures.overlay_grid(test.images[chosen], heatmaps, captions, colors,
+    figures.overlay_grid(images, heatmaps, captions, colors,
                          layout.plots("gradcam") / f"{name}.png",
                          title=f"Grad-CAM, {name} ({info.backbone}): green right, red wrong")
 

@@ -1,26 +1,33 @@
-"""DVC stage `head`: frozen backbone, train the classification head -> models/head.keras."""
-from imgclf import models, tracking, training
-from imgclf.datasets import load_train_val
+"""DVC stage `head`: frozen backbone, train the classification head -> models/head.keras.
+
+By default the head trains on features pooled from the cached activations (no pass over the
+images); with `head.augment` or `cache_features: false` the frozen backbone runs every step."""
+from imgclf import tracking, training
 from imgclf.modelio import ModelInfo
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
+from imgclf.store import open_split
 
 
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     training.configure(params.seed, params.train)
-    models.fetch_weights(params.model)  # a missing weights file fails here, before any decoding
-    with tracking.stage_run("head", params, layout.root) as run:
+    with tracking.stage_run("head", params, layout.root) as run, layout.scratch() as workdir:
         size = params.model.image_size
-        train, val = load_train_val(layout.split, size)
+        activations = training.open_activations(layout.activations, params.model.backbone, size)
+        train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
-        result = training.train_head(train, val, params.model, params.head, params.train, params.augment,
-                                     params.seed, on_epoch=run.log_epoch)
-        temperature = training.calibrate(result, val, params.train.calibrate)
+        if params.head.cache_features and not params.head.augment:
+            result = training.train_head_on_activations(activations, params.model, params.head, params.train,
+                                                        params.seed, workdir, on_epoch=run.log_epoch)
+        else:
+            result = training.train_head(train, val, activations.backbone, params.model, params.head, params.train,
+                                         params.augment, params.seed, on_epoch=run.log_epoch)
+        temperature = training.calibrate(result, params.train.calibrate)
         info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
-        save_training_outputs(layout, result, info, run, val.images[:1])
+        save_training_outputs(layout, result, info, run, val.read([0]))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def test_temperature_is_folded_into_the_last_layer_and_survives_saving(tmp_path)
     labels = np.arange(30) % 3
     val = ImageSet(images, labels, [""] * 30, ["a", "b", "c"])
     x = images.astype(np.float32)
-    z = calibration.logits(model, images)
+    z = calibration.logits(model, val)
     before = model.predict(x, verbose=0)
     layers_before = len(model.layers)
 

@@ -9,6 +9,7 @@ SCRIPT = r'''
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import pathlib, tempfile
 import numpy as np
 from imgclf import training
 from imgclf.datasets import ImageSet
@@ -24,10 +25,13 @@ images = np.stack([make_image(c * 100 + i, COLORS[c], 32) for c in range(3) for 
 labels = np.repeat(np.arange(3, dtype=np.int32), 8)
 data = ImageSet(images, labels, [""] * 24, ["a", "b", "c"])
 base = training.train_baseline(data, data, params.baseline, *sections)
-head = training.train_head(data, data, params.model, params.head, *sections, use_cache=False)
-cached = training.train_head(data, data, params.model, params.head, *sections, use_cache=True)
+backbone, cut = training.backbone_cut(params.model, params.finetune)
+head = training.train_head(data, data, backbone, params.model, params.head, *sections)
+work = pathlib.Path(tempfile.mkdtemp())
+acts = training.compute_activations(backbone, cut, params.model.backbone, data, data, work / "acts")
+cached = training.train_head_on_activations(acts, params.model, params.head, params.train, params.seed, work)
 with mirrored.scope():
-    tuned = training.train_finetune(head.model, data, data, params.finetune, *sections)
+    tuned = training.train_finetune(cached.model, data, data, params.finetune, *sections, acts, work)
 assert mirrored.num_replicas_in_sync == 2
 for result in (base, head, cached, tuned):
     assert result.epochs_run == 1 and np.isfinite(result.history["loss"]).all()

@@ -24,7 +24,23 @@ NOT_OUTPUT_PARAMS = {"mlflow"}
 WHOLE_PARAMS_CALLS = {"tracking.stage_run"}
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-STAGES = sorted(DVC["stages"])
+
+
+def expand(stages: dict) -> dict:
+    """``foreach`` stages as DVC runs them: ``name@key`` with ``${key}`` and ``${item}`` filled in."""
+    out = {}
+    for name, stage in stages.items():
+        if "foreach" not in stage:
+            out[name] = stage
+            continue
+        for key, item in stage["foreach"].items():
+            text = yaml.safe_dump(stage["do"]).replace("${key}", key).replace("${item}", str(item))
+            out[f"{name}@{key}"] = yaml.safe_load(text)
+    return out
+
+
+STAGE_DEFS = expand(DVC["stages"])
+STAGES = sorted(STAGE_DEFS)
 
 
 def module_file(name: str) -> Path | None:
@@ -75,13 +91,13 @@ def import_closure(module: str) -> set[str]:
 
 
 def stage_module(stage: str) -> str:
-    cmd = DVC["stages"][stage]["cmd"]
+    cmd = STAGE_DEFS[stage]["cmd"]
     assert cmd.startswith("python -m stages."), f"{stage}: unexpected cmd {cmd!r}"
-    return cmd.split()[-1]
+    return cmd.split()[2]
 
 
 def declared(stage: str, key: str) -> set[str]:
-    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in DVC["stages"][stage].get(key, [])}
+    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in STAGE_DEFS[stage].get(key, [])}
 
 
 def params_read(path: Path) -> tuple[set[str], list[str]]:
@@ -114,8 +130,15 @@ def test_params_match_the_sections_the_stage_reads(stage):
 
     known = {f for f in Params.__dataclass_fields__}
     sections = (sections & known) - NOT_OUTPUT_PARAMS
-    listed = declared(stage, "params")
-    assert sections == listed, f"{stage}: reads {sorted(sections)}, dvc.yaml lists {sorted(listed)}"
+    # a stage may list single keys (`model.image_size`): it then reads that section
+    listed = {entry.split(".")[0] for entry in declared(stage, "params")}
+    if "@" in stage:  # one script for every item of a foreach: each item reads its own sections
+        listed_by_all = {entry.split(".")[0] for other in STAGES if other.split("@")[0] == stage.split("@")[0]
+                         for entry in declared(other, "params")}
+        assert listed <= sections and sections == listed_by_all, \
+            f"{stage}: the script reads {sorted(sections)}, dvc.yaml lists {sorted(listed_by_all)} over its items"
+    else:
+        assert sections == listed, f"{stage}: reads {sorted(sections)}, dvc.yaml lists {sorted(listed)}"
     assert set(whole) <= WHOLE_PARAMS_CALLS, f"{stage}: passes the whole params to {whole}; pass sections"
 
 

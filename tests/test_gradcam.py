@@ -21,14 +21,14 @@ def patch_images(n: int, seed: int):
 
 
 def test_heatmap_peaks_inside_the_deciding_patch():
-    from imgclf.datasets import to_dataset
+    from imgclf.datasets import ImageSet, batches
 
     params = params_from_dict(tiny_params(baseline={"image_size": SIZE, "filters": [16, 32]}))
     training.configure(params.seed, params.train)
     images, labels, _ = patch_images(256, 0)
     model = models.build_baseline(params.baseline, 2)
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-    model.fit(to_dataset(images, labels, 2, 32, shuffle=True), epochs=6, verbose=0)
+    model.fit(batches(ImageSet(images, labels, [], ["a", "b"]), 32, shuffle=True), epochs=6, verbose=0)
 
     test, test_labels, corners = patch_images(24, 1)
     heatmaps, probs = gradcam(model, test.astype(np.float32), test_labels)

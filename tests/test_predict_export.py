@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from imgclf import models, training
-from imgclf.datasets import to_dataset
+from imgclf.datasets import ImageSet, batches
 from imgclf.export import export_all, saved_model_predictor, tflite_predictor
 from imgclf.inference import predict_probs
 from imgclf.modelio import ModelInfo, save_model
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     labels = np.repeat(np.arange(3), 16)
     model = models.build_transfer_model(params.model, 3)
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    model.fit(to_dataset(images, labels, 3, 8, shuffle=True), epochs=2, verbose=0)
+    model.fit(batches(ImageSet(images, labels, [], ["a", "b", "c"]), 8, shuffle=True), epochs=2, verbose=0)
     folder = tmp_path_factory.mktemp("model")
     path = folder / "finetune.keras"
     save_model(model, path, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=False))

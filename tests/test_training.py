@@ -27,16 +27,24 @@ def configure(p):
     training.configure(p.seed, p.train)
 
 
-def head(train, val, p, use_cache=None):
-    return training.train_head(train, val, p.model, p.head, p.train, p.augment, p.seed, use_cache)
+def head(train, val, p, use_cache=True, workdir=None):
+    """The head stage: on features pooled from the activations stage's output (written to
+    ``workdir``), or on images with the frozen backbone running every step."""
+    backbone, cut = training.backbone_cut(p.model, p.finetune)
+    if not use_cache:
+        return training.train_head(train, val, backbone, p.model, p.head, p.train, p.augment, p.seed)
+    activations = training.compute_activations(backbone, cut, p.model.backbone, train, val, workdir / "acts")
+    result = training.train_head_on_activations(activations, p.model, p.head, p.train, p.seed, workdir)
+    result.activations = activations
+    return result
 
 
 def baseline(train, val, p):
     return training.train_baseline(train, val, p.baseline, p.train, p.augment, p.seed)
 
 
-def finetune(model, train, val, p):
-    return training.train_finetune(model, train, val, p.finetune, p.train, p.augment, p.seed)
+def finetune(model, train, val, p, activations=None, workdir=None):
+    return training.train_finetune(model, train, val, p.finetune, p.train, p.augment, p.seed, activations, workdir)
 
 
 def info(names, stage="head", backbone="mobilenetv2", size=32, tta=False):
@@ -86,7 +94,7 @@ def test_resnet50_preprocessing_equals_keras_own():
 def test_head_training_leaves_the_frozen_backbone_unchanged():
     params = params_for(head={"learning_rate": 1e-2})
     train, val = tiny_set(), tiny_set(seed=50)
-    configure(params)  # same seed: the same initial weights as train_head's model
+    configure(params)  # same seed: the same initial weights as the head's backbone
     initial = models.build_transfer_model(params.model, 3)
     configure(params)
     result = head(train, val, params, use_cache=False)
@@ -96,12 +104,14 @@ def test_head_training_leaves_the_frozen_backbone_unchanged():
     assert not np.array_equal(head_before, result.model.get_layer("predictions").kernel.numpy())
 
 
-@pytest.mark.parametrize("cached", [True, False])
-def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached):
-    params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "cache_activations": cached})
+@pytest.mark.parametrize("cached,views", [(True, 1), (True, 2), (False, 1)])
+def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, views, tmp_path):
+    params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "cache_activations": cached,
+                                  "cached_views": views})
     configure(params)
     train, val = tiny_set(), tiny_set(seed=50)
-    model = head(train, val, params).model
+    trained_head = head(train, val, params, workdir=tmp_path)
+    model = trained_head.model
     backbone = models.find_backbone(model)
     bn = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
     stats_before = [(l.moving_mean.numpy().copy(), l.moving_variance.numpy().copy()) for l in bn]
@@ -110,7 +120,7 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached):
     low_conv = [l for l in backbone.layers[:-20] if isinstance(l, keras.layers.Conv2D)][0]
     low_before = low_conv.kernel.numpy().copy()
 
-    result = finetune(model, train, val, params)
+    result = finetune(model, train, val, params, trained_head.activations, tmp_path)
 
     for layer, (mean, var) in zip(bn, stats_before):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
@@ -135,11 +145,13 @@ def test_backbone_split_is_exact_and_shares_layers():
     assert top.layers[1] is backbone.layers[first]
 
 
-def test_cached_feature_head_matches_the_uncached_path():
+def test_cached_feature_head_matches_the_uncached_path(tmp_path):
+    """Features pooled from the cached activations through the frozen top train the same head
+    as running the whole frozen backbone on the images every step."""
     params = params_for(model={"dropout": 0.0}, head={"epochs": 3, "patience": 0, "learning_rate": 1e-2})
     train, val = tiny_set(n_per_class=10), tiny_set(seed=50)
     configure(params)
-    cached = head(train, val, params, use_cache=True)
+    cached = head(train, val, params, use_cache=True, workdir=tmp_path)
     configure(params)
     uncached = head(train, val, params, use_cache=False)
     assert cached.extra["cached_features"] == 1 and uncached.extra["cached_features"] == 0
@@ -240,7 +252,7 @@ def test_the_kept_weights_are_those_of_the_reported_epoch():
     result = baseline(train, val, params)
     summary = result.summary()
     result.model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing))
-    from imgclf.datasets import to_dataset
+    from imgclf.datasets import batches
 
-    loss = result.model.evaluate(to_dataset(val.images, val.labels, 3, 8), verbose=0, return_dict=True)["loss"]
+    loss = result.model.evaluate(batches(val, 8), verbose=0, return_dict=True)["loss"]
     assert loss == pytest.approx(summary["val_loss"], rel=1e-4)
