@@ -91,11 +91,13 @@ def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> Im
 
 
 def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None,
-            labels: bool = True, repeat: bool = False):
+            labels: bool = True, repeat: bool = False, shard: tuple[int, int] | None = None):
     """A batched, prefetched tf.data pipeline of float32 inputs (and one-hot labels).
 
     Only indices are shuffled (reshuffled every epoch); each batch's records are read in a
     parallel map. With the same seed the order equals that of shuffling the examples themselves.
+    ``shard=(count, index)``: every ``count``-th index of that order from ``index`` on (one
+    worker's share, under multi-worker training).
     """
     import tensorflow as tf
 
@@ -105,6 +107,8 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
         ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    if shard:
+        ds = ds.shard(*shard)
     dtype, shape = tf.as_dtype(examples.dtype), examples.record_shape
     to_float = _batch_to_float(augment)
     classes, label_of = len(examples.class_names), tf.constant(np.asarray(examples.labels, np.int32))

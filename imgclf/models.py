@@ -124,11 +124,13 @@ def copy_head_weights(source: keras.Model, target: keras.Model) -> None:
             target.get_layer(layer.name).set_weights(layer.get_weights())
 
 
-def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
+def build_baseline(config: BaselineParams, num_classes: int, synchronized_bn: bool = False) -> keras.Model:
     """A small CNN from scratch: [conv-BN-ReLU x convs_per_block, max-pool] per filter count,
     global average pooling, dropout, softmax. The first convolution has stride ``stem_stride``
     (2: a larger input for the cost of a smaller one). With ``separable`` every block after
-    the first uses depthwise-separable convolutions (several times fewer multiply-adds)."""
+    the first uses depthwise-separable convolutions (several times fewer multiply-adds).
+    ``synchronized_bn``: batch statistics over the global batch of every worker (multi-worker
+    training), so all workers keep the same moving statistics."""
     inputs = keras.Input((config.image_size, config.image_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255, name="preprocessing")(inputs)
     for i, filters in enumerate(config.filters):
@@ -138,7 +140,7 @@ def build_baseline(config: BaselineParams, num_classes: int) -> keras.Model:
             x = conv(filters, 3, strides=stride, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
             # momentum 0.9: with ~100 steps per epoch the default 0.99 leaves the moving
             # statistics (used for validation) lagging for several epochs
-            x = layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn{j}")(x)
+            x = layers.BatchNormalization(momentum=0.9, synchronized=synchronized_bn, name=f"block{i}_bn{j}")(x)
             x = layers.ReLU(name=f"block{i}_relu{j}")(x)
         if i < len(config.filters) - 1:
             x = layers.MaxPooling2D(name=f"block{i}_pool")(x)

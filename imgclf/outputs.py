@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .modelio import ModelInfo, save_model
 from .project import Layout, write_json
 from .tracking import StageRun
@@ -23,12 +25,24 @@ def write_history(history: dict[str, list[float]], path: Path) -> None:
             writer.writerow([epoch + 1, *(f"{history[k][epoch]:.6g}" for k in keys)])
 
 
+def weights_digest(model) -> str:
+    """A short hash of every weight's bytes: equal on every worker of a cluster after training."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun,
                           example: np.ndarray, register_as: str = "") -> dict:
     """The model (with its ModelInfo), per-epoch history, summary numbers, and the same in MLflow (the
     per-epoch metrics were logged live); ``example``: images the model takes, the first of which
     becomes the logged model's input example; ``register_as``: a Model Registry name for it."""
     stage = info.stage
+    print(f"{stage}: trained weights sha256 {weights_digest(result.model)} ({distributed.task_name()})")
+    if not distributed.is_chief():
+        print(f"{stage}: not the chief of the cluster in TF_CONFIG: writes nothing")
+        return result.summary()
     model_path = layout.model(stage)
     save_model(result.model, model_path, info)
     history_path = layout.plots(stage) / "history.csv"

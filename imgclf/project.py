@@ -93,11 +93,12 @@ def run_stage(main) -> None:
     """Run a stage's main(); input errors end it with one clear line and exit status 1."""
     import sys
 
+    from .distributed import DistributedError
     from .params import ParamsError
     from .tracking import TrackingError
 
     try:
         main()
-    except (ParamsError, DataError, FileNotFoundError, TrackingError) as err:
+    except (ParamsError, DataError, FileNotFoundError, TrackingError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

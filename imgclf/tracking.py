@@ -315,9 +315,12 @@ def store_lock(uri: str) -> Iterator[None]:
 def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
     """Open the child run of ``stage`` under its pipeline's parent run, logging all params.
 
-    With ``mlflow.enabled: false`` this yields an inactive run and touches nothing.
+    With ``mlflow.enabled: false``, and on every worker of a multi-worker cluster but the chief
+    (``TF_CONFIG``), this yields an inactive run and touches nothing.
     """
-    if not params.mlflow.enabled:
+    from .distributed import is_chief
+
+    if not params.mlflow.enabled or not is_chief():
         yield StageRun()
         return
     import logging

@@ -16,7 +16,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from . import calibration, models
+from . import calibration, distributed, models
 from .augment import augmentation
 from .datasets import Examples, batches
 from .inference import INFERENCE_BATCH
@@ -55,9 +55,11 @@ class TrainResult:
 
 
 def configure(seed: int, train: TrainParams) -> None:
-    """Seed every generator; enable mixed precision only where a GPU can use it."""
+    """Seed every generator; enable mixed precision only where a GPU can use it. Under
+    ``TF_CONFIG`` the multi-worker strategy is created first, as TensorFlow requires."""
     import tensorflow as tf
 
+    strategy()
     keras.utils.set_random_seed(seed)
     gpus = tf.config.list_physical_devices("GPU")
     policy = "mixed_float16" if train.mixed_precision and gpus else "float32"
@@ -65,9 +67,13 @@ def configure(seed: int, train: TrainParams) -> None:
 
 
 def strategy():
-    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    """MultiWorkerMirroredStrategy under ``TF_CONFIG`` (see :mod:`imgclf.distributed`), else
+    MirroredStrategy over all GPUs when there are several, else the default strategy."""
     import tensorflow as tf
 
+    multi_worker = distributed.multi_worker_strategy()
+    if multi_worker is not None:
+        return multi_worker
     gpus = tf.config.list_logical_devices("GPU")
     return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
@@ -93,12 +99,23 @@ class _Recorder(keras.callbacks.Callback):
             self.on_epoch(epoch, logs)
 
 
-def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, reduce_lr_patience: int = 0,
-        steps_per_epoch: int | None = None, on_epoch: EpochHook | None = None
-        ) -> tuple[dict[str, list[float]], float]:
-    """Fit with early stopping on val_loss and keep the best epoch's weights."""
-    recorder = _Recorder(on_epoch)
+def fit(model: keras.Model, train_set: Examples, val_set: Examples, batch_size: int, epochs: int, patience: int,
+        reduce_lr_patience: int = 0, seed: int = 0, augment=None, steps_per_epoch: int | None = None,
+        on_epoch: EpochHook | None = None) -> tuple[dict[str, list[float]], float]:
+    """Fit on shuffled (and augmented, if asked) batches of ``train_set`` with early stopping on
+    val_loss and keep the best epoch's weights. ``steps_per_epoch``: an epoch of that many
+    batches from an endless reshuffled stream (several cached views per image). Under
+    ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
     started = time.perf_counter()
+    multi_worker = distributed.multi_worker_strategy()
+    if multi_worker is not None:
+        history = distributed.fit(multi_worker, model, train_set, val_set, batch_size, epochs, patience,
+                                  reduce_lr_patience, seed, augment, steps_per_epoch, on_epoch)
+        return history, time.perf_counter() - started
+    train_ds = batches(train_set, batch_size, shuffle=True, seed=seed, augment=augment,
+                       repeat=steps_per_epoch is not None)
+    val_ds = batches(val_set, batch_size)
+    recorder = _Recorder(on_epoch)
     with tempfile.TemporaryDirectory() as tmp:
         best = Path(tmp) / "best.weights.h5"
         callbacks = [recorder, keras.callbacks.ModelCheckpoint(
@@ -117,10 +134,12 @@ def fit(model: keras.Model, train_ds, val_ds, epochs: int, patience: int, reduce
 
 
 def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
-    """Adam with ``learning_rate`` (a number or a schedule), smoothed cross-entropy."""
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                  metrics=["accuracy"])
+    """Adam with ``learning_rate`` (a number or a schedule), smoothed cross-entropy; the optimizer
+    belongs to the training strategy (its variables mirror the model's)."""
+    with strategy().scope():
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                      metrics=["accuracy"])
 
 
 def train_baseline(train_set: Examples, val_set: Examples, baseline: BaselineParams, train: TrainParams,
@@ -133,11 +152,10 @@ def train_baseline(train_set: Examples, val_set: Examples, baseline: BaselinePar
         steps = int(np.ceil(len(train_set) / batch)) * baseline.epochs
         learning_rate = keras.optimizers.schedules.CosineDecay(baseline.learning_rate, decay_steps=steps)
     with strategy().scope():
-        model = models.build_baseline(baseline, n)
+        model = models.build_baseline(baseline, n, synchronized_bn=distributed.multi_worker_strategy() is not None)
         _compile(model, learning_rate, train.label_smoothing)
-    train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=augmentation(augment, seed))
-    history, seconds = fit(model, train_ds, batches(val_set, batch), baseline.epochs, baseline.patience,
-                           on_epoch=on_epoch)
+    history, seconds = fit(model, train_set, val_set, batch, baseline.epochs, baseline.patience, seed=seed,
+                           augment=augmentation(augment, seed), on_epoch=on_epoch)
     return TrainResult(model, history, seconds, val_inputs=val_set)
 
 
@@ -193,8 +211,8 @@ def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, mo
         model = models.build_transfer_model(model_config, n, backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
     aug = augmentation(augment, seed) if head.augment else None
-    train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=aug)
-    history, seconds = fit(model, train_ds, batches(val_set, batch), head.epochs, head.patience, on_epoch=on_epoch)
+    history, seconds = fit(model, train_set, val_set, batch, head.epochs, head.patience, seed=seed, augment=aug,
+                           on_epoch=on_epoch)
     return TrainResult(model, history, seconds, {"cached_features": 0}, val_inputs=val_set)
 
 
@@ -217,9 +235,8 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
     with strategy().scope():
         head_model = models.build_head_model(train_features.record_shape[0], model_config, n)
         _compile(head_model, head.learning_rate, train.label_smoothing)
-    train_ds = batches(train_features, batch, shuffle=True, seed=seed)
-    history, fit_seconds = fit(head_model, train_ds, batches(val_features, batch), head.epochs, head.patience,
-                               on_epoch=on_epoch)
+    history, fit_seconds = fit(head_model, train_features, val_features, batch, head.epochs, head.patience,
+                               seed=seed, on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
                        {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)},
@@ -268,9 +285,8 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     aug = augmentation(augment, seed)
     if not finetune.cache_activations:
         _compile(model, finetune.learning_rate, train.label_smoothing)  # recompile after trainable changes
-        train_ds = batches(train_set, batch, shuffle=True, seed=seed, augment=aug)
-        history, seconds = fit(model, train_ds, batches(val_set, batch), finetune.epochs, finetune.patience,
-                               finetune.reduce_lr_patience, on_epoch=on_epoch)
+        history, seconds = fit(model, train_set, val_set, batch, finetune.epochs, finetune.patience,
+                               finetune.reduce_lr_patience, seed=seed, augment=aug, on_epoch=on_epoch)
         return TrainResult(model, history, seconds, extra, val_inputs=val_set)
 
     if activations is None or activations.cut != first:
@@ -286,10 +302,9 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
     _compile(classifier, finetune.learning_rate, train.label_smoothing)
-    train_ds = batches(_Views(views), batch, shuffle=True, seed=seed, repeat=True)
     steps = int(np.ceil(len(activations.train) / batch))  # an epoch = one view of every image, on average
-    history, fit_seconds = fit(classifier, train_ds, batches(activations.val, batch), finetune.epochs,
-                               finetune.patience, finetune.reduce_lr_patience, steps_per_epoch=steps,
+    history, fit_seconds = fit(classifier, _Views(views), activations.val, batch, finetune.epochs,
+                               finetune.patience, finetune.reduce_lr_patience, seed=seed, steps_per_epoch=steps,
                                on_epoch=on_epoch)
     extra["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
     return TrainResult(model, history, extract_seconds + fit_seconds, extra,

@@ -1,6 +1,6 @@
 """DVC stage `activations`: the frozen bottom of the backbone, once over the train and val
 images of data/store/transfer -> data/activations/ (shared by the head and finetune stages)."""
-from imgclf import tracking, training
+from imgclf import distributed, tracking, training
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
 from imgclf.store import open_split
@@ -9,6 +9,7 @@ from imgclf.store import open_split
 def main() -> None:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
+    distributed.require_single_machine("activations")
     training.configure(params.seed, params.train)
     with tracking.stage_run("activations", params, layout.root) as run:
         size = params.model.image_size

@@ -1,0 +1,194 @@
+"""Training on several machines with TensorFlow's own engine.
+
+When ``TF_CONFIG`` is set, training stages run under ``tf.distribute.MultiWorkerMirroredStrategy``:
+every machine runs the same stage on the same inputs, each takes its share of every batch, and
+gradients are summed across all of them, so their weights stay equal. Only the chief (task
+``chief``, or ``worker`` 0 when the cluster has no chief) writes models, reports and MLflow runs.
+
+Keras 3's ``model.fit`` does not run under this strategy (keras-team/keras#20585), so training
+there goes through :func:`fit`, a small loop with the semantics of :func:`imgclf.training.fit`:
+early stopping on ``val_loss``, the best epoch's weights restored, ReduceLROnPlateau, the same
+history. Decisions are taken on numbers all-reduced across workers, so workers never diverge.
+A worker that dies makes the others fail within :data:`COLLECTIVE_TIMEOUT_S` with one line,
+instead of waiting forever.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+COLLECTIVE_TIMEOUT_S = 60  # an all-reduce waiting longer than this means a worker is gone
+
+
+class DistributedError(RuntimeError):
+    """TF_CONFIG is malformed, or a worker of the cluster was lost."""
+
+
+def cluster() -> dict[str, Any] | None:
+    """The parsed ``TF_CONFIG`` (None when unset); a DistributedError naming what is wrong."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        workers = config["cluster"].get("worker", [])
+        chiefs = config["cluster"].get("chief", [])
+        kind, index = config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DistributedError(f"TF_CONFIG: expected {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, "
+                               f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({type(err).__name__}: {err})")
+    members = {"worker": workers, "chief": chiefs}
+    if kind not in members or not 0 <= index < len(members[kind]):
+        raise DistributedError(f"TF_CONFIG: task {kind}:{index} is not in the cluster {config['cluster']}")
+    return config
+
+
+def is_chief() -> bool:
+    """True on a single machine, and on the one task of a cluster that writes outputs."""
+    config = cluster()
+    if config is None:
+        return True
+    kind, index = config["task"]["type"], int(config["task"]["index"])
+    return kind == "chief" or (kind == "worker" and index == 0 and not config["cluster"].get("chief"))
+
+
+def task_name() -> str:
+    config = cluster()
+    return "local" if config is None else f"{config['task']['type']}:{config['task']['index']}"
+
+
+def require_single_machine(stage: str) -> None:
+    """Stages that do not train run on one machine: a DistributedError under TF_CONFIG."""
+    if cluster() is not None:
+        raise DistributedError(f"TF_CONFIG is set, but the {stage} stage runs on one machine: only baseline, "
+                               "head and finetune train across machines; run it without TF_CONFIG")
+
+
+@functools.lru_cache(maxsize=1)
+def multi_worker_strategy():
+    """The one MultiWorkerMirroredStrategy of this process (TensorFlow allows one, created
+    before any other TensorFlow work), or None without TF_CONFIG."""
+    if cluster() is None:
+        return None
+    import tensorflow as tf
+
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_TIMEOUT_S)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def lost_worker(err: Exception) -> DistributedError:
+    return DistributedError(f"{task_name()}: lost contact with the cluster in TF_CONFIG "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+                            "every worker must run the same stage at the same time")
+
+
+def fit(strategy, model, train_set, val_set, batch_size: int, epochs: int, patience: int,
+        reduce_lr_patience: int, seed: int, augment, steps_per_epoch: int | None,
+        on_epoch: Callable[[int, dict], None] | None) -> dict[str, list[float]]:
+    """Train ``model`` (compiled, built in ``strategy``'s scope) across the cluster; returns the
+    per-epoch history. ``batch_size`` is the global batch: each of the workers' replicas takes
+    ``batch_size / replicas`` examples of every step from its own shard of the shuffled data."""
+    import keras
+    import tensorflow as tf
+
+    from .datasets import batches
+
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise DistributedError(f"train.batch_size {batch_size} must be a multiple of the {replicas} replicas")
+    steps = steps_per_epoch or math.ceil(len(train_set) / batch_size)
+
+    def dataset(context):
+        return batches(train_set, context.get_per_replica_batch_size(batch_size), shuffle=True, seed=seed,
+                       augment=augment, repeat=True,
+                       shard=(context.num_input_pipelines, context.input_pipeline_id))
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset))
+    smoothing = float(model.loss.get_config().get("label_smoothing", 0.0))
+    optimizer = model.optimizer
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)
+
+    @tf.function
+    def train_step(iterator):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                probs = model(x, training=True)
+                per_example = keras.losses.categorical_crossentropy(y, probs, label_smoothing=smoothing)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=batch_size)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            right = tf.cast(tf.equal(tf.argmax(probs, 1), tf.argmax(y, 1)), tf.float32)
+            return tf.stack([tf.reduce_sum(per_example), tf.reduce_sum(right), tf.cast(tf.shape(y)[0], tf.float32)])
+
+        return strategy.reduce("SUM", strategy.run(step, args=next(iterator)), axis=None)
+
+    @tf.function
+    def all_mean(values):
+        return strategy.reduce("MEAN", strategy.run(lambda: tf.identity(values)), axis=None)
+
+    predict = tf.function(lambda x: model(x, training=False))
+    history: dict[str, list[float]] = {}
+    best_loss, best_weights, wait = math.inf, None, 0
+    plateau_best, plateau_wait = math.inf, 0
+    try:
+        for epoch in range(epochs):
+            started = time.perf_counter()
+            totals = np.zeros(3)
+            for _ in range(steps):
+                totals += train_step(iterator).numpy()
+            # every worker validates the whole (small) split with the same weights; the mean
+            # across workers makes the early-stopping decision identical everywhere
+            val = _evaluate(predict, batches(val_set, batch_size), smoothing)
+            val_loss, val_accuracy = (float(v) for v in all_mean(tf.constant(val, tf.float32)).numpy())
+            logs = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "val_loss": val_loss,
+                    "val_accuracy": val_accuracy,
+                    "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))}
+            for key, value in logs.items():
+                history.setdefault(key, []).append(float(value))
+            print(f"Epoch {epoch + 1}/{epochs} ({task_name()}): "
+                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+                  + f" - {time.perf_counter() - started:.0f}s", flush=True)
+            if on_epoch:
+                on_epoch(epoch, logs)
+            if val_loss < best_loss:  # the checkpoint keeps only improvements, as ModelCheckpoint
+                best_loss, best_weights, wait = val_loss, [v.numpy() for v in model.weights], 0
+            else:
+                wait += 1
+                if patience and wait >= patience:
+                    break
+            if reduce_lr_patience:  # ReduceLROnPlateau(factor=0.3, min_lr=1e-7, min_delta=1e-4)
+                if val_loss < plateau_best - 1e-4:
+                    plateau_best, plateau_wait = val_loss, 0
+                else:
+                    plateau_wait += 1
+                    rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+                    if plateau_wait >= reduce_lr_patience and rate > 1e-7:
+                        optimizer.learning_rate.assign(max(rate * 0.3, 1e-7))
+                        plateau_wait = 0
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.InternalError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as err:
+        raise lost_worker(err) from None
+    if best_weights is not None:
+        for variable, value in zip(model.weights, best_weights):
+            variable.assign(value)
+    return history
+
+
+def _evaluate(predict, dataset, smoothing: float) -> list[float]:
+    """(mean loss, accuracy) of ``predict`` over a dataset of (images, one-hot labels)."""
+    import keras
+
+    loss = right = count = 0.0
+    for x, y in dataset:
+        probs = predict(x)
+        loss += float(keras.ops.sum(keras.losses.categorical_crossentropy(y, probs, label_smoothing=smoothing)))
+        right += float(np.sum(np.argmax(probs, 1) == np.argmax(y, 1)))
+        count += len(y)
+    return [loss / count, right / count]
