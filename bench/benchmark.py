@@ -136,9 +136,10 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
                                            params.augment, params.seed, activations, work)
     probs = predict_probs(finetune.model, sets[2], params.train.tta)
     metrics = summary_metrics(Predictions(probs, sets[2].labels, names))
-    total = decode_seconds + activation_seconds + head.seconds + finetune.seconds
+    training_seconds = activation_seconds + head.seconds + finetune.seconds  # what the reference times
     return {"decode_seconds": decode_seconds, "activation_seconds": activation_seconds,
-            "head_seconds": head.seconds, "finetune_seconds": finetune.seconds, "total_seconds": total,
+            "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
+            "head_plus_finetune_seconds": training_seconds, "total_seconds": decode_seconds + training_seconds,
             "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
             "head_epochs": head.epochs_run, "finetune_epochs": finetune.epochs_run}
 
@@ -162,12 +163,11 @@ def main() -> None:
     if args.only != "reference":
         results["pipeline"] = pipeline_recipe(parts, names, Path(args.params))
     if "reference" in results and "pipeline" in results:
-        results["speedup_head_plus_finetune"] = round(
-            results["reference"]["total_seconds"] / results["pipeline"]["total_seconds"], 2)
-
-    if "reference" in results and "pipeline" in results:
-        results["pipeline_time_ratio"] = round(
-            results["pipeline"]["total_seconds"] / results["reference"]["total_seconds"], 3)
+        reference = results["reference"]["total_seconds"]
+        # head + finetune (the frozen pass both share included) against the reference's two phases,
+        # and with our one-off decoding included as well
+        results["time_ratio_head_plus_finetune"] = round(results["pipeline"]["head_plus_finetune_seconds"] / reference, 3)
+        results["time_ratio_with_decoding"] = round(results["pipeline"]["total_seconds"] / reference, 3)
 
     print("\n| recipe | decode s | frozen pass s | head s | finetune s | total s | test accuracy | macro F1 |")
     print("|---|---|---|---|---|---|---|---|")

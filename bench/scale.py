@@ -124,7 +124,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 15000, 40000])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/imgclf-scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    parser.add_argument("--report", action="store_true", help="only print the table and plot of --out")
     args = parser.parse_args()
+    if args.report:
+        report(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
 
     photos, labels, names = tf_flowers()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
@@ -147,17 +151,23 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))
         shutil.rmtree(project)  # its data folder holds several GB at the largest sizes
 
+    report(results, args.out.with_suffix(".png"))
+
+
+def report(results: dict, plot_path: Path) -> None:
+    """The table (peak RSS, seconds and ms per image for every stage and N), the plot, the JSON."""
     sizes = list(results["sizes"])
     stage_names = list(results["sizes"][sizes[0]]["stages"])
-    print("\n| stage | " + " | ".join(f"N={n}: peak RSS MiB, s, ms/image" for n in sizes) + " |")
+    print("\n| stage | " + " | ".join(f"N={int(n):,}: peak RSS MiB / s / ms per image" for n in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
     for stage in stage_names:
         cells = []
         for n in sizes:
-            row = results["sizes"][n]["stages"][stage]
-            cells.append(f"{row['peak_rss_mib']:.0f}, {row['seconds']:.0f}, {1000 * row['seconds'] / int(n):.1f}")
+            row = results["sizes"][n]["stages"].get(stage)
+            cells.append("—" if row is None else
+                         f"{row['peak_rss_mib']:,.0f} / {row['seconds']:,.0f} / {1000 * row['seconds'] / int(n):.1f}")
         print(f"| {stage} | " + " | ".join(cells) + " |")
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, plot_path)
     print(json.dumps(results, indent=2))
 
 
@@ -171,9 +181,10 @@ def plot(results: dict, path: Path) -> None:
     stages = list(next(iter(results["sizes"].values()))["stages"])
     fig, (mem, sec) = plt.subplots(1, 2, figsize=(12, 4.5))
     for stage in stages:
-        rows = [results["sizes"][str(n)]["stages"][stage] for n in sizes]
-        mem.plot(sizes, [r["peak_rss_mib"] / 1024 for r in rows], marker="o", label=stage)
-        sec.plot(sizes, [r["seconds"] for r in rows], marker="o", label=stage)
+        points = [(n, results["sizes"][str(n)]["stages"][stage]) for n in sizes
+                  if stage in results["sizes"][str(n)]["stages"]]
+        mem.plot([n for n, _ in points], [r["peak_rss_mib"] / 1024 for _, r in points], marker="o", label=stage)
+        sec.plot([n for n, _ in points], [r["seconds"] for _, r in points], marker="o", label=stage)
     mem.set(xlabel="images", ylabel="peak RSS (GiB)", title="Peak memory per stage", ylim=(0, None))
     sec.set(xlabel="images", ylabel="seconds", title="Wall time per stage (1 epoch)")
     mem.axhline(4, color="grey", linestyle=":", linewidth=1)
