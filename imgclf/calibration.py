@@ -12,7 +12,7 @@ import numpy as np
 
 from .datasets import Examples, batches
 from .evaluation import expected_calibration_error
-from .inference import INFERENCE_BATCH
+from .inference import inference_batch_size
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ def output_layer(model: keras.Model) -> keras.layers.Dense:
 def logits(model: keras.Model, inputs: Examples) -> np.ndarray:
     """The last layer's pre-softmax outputs for ``inputs`` (whatever the model takes: images,
     cached features or activations), from its input features (one streamed pass)."""
-    features = _pre_logits(model).predict(batches(inputs, INFERENCE_BATCH, labels=False), verbose=0)
+    features = _pre_logits(model).predict(batches(inputs, inference_batch_size(inputs.record_shape), labels=False), verbose=0)
     kernel, bias = (np.asarray(w, dtype=np.float64) for w in output_layer(model).get_weights())
     return features.astype(np.float64) @ kernel + bias
 

@@ -87,7 +87,7 @@ def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool
     for start in range(0, len(files), batch_size):
         images, good, bad = load_batch(files[start:start + batch_size], size)
         skipped.extend(bad)
-        probs = predict_probs(model, images, info.tta, batch_size)
+        probs = predict_probs(model, images, info.tta)
         for path, row in zip(good, probs):
             ranked = top_k(row, names, k)
             out.write((json.dumps({"path": str(path), "top_k": ranked}) if as_json

@@ -19,7 +19,7 @@ import numpy as np
 from . import calibration, distributed, models
 from .augment import augmentation
 from .datasets import Examples, batches
-from .inference import INFERENCE_BATCH
+from .inference import inference_batch_size
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .project import DataError
 from .store import RecordFile, RecordWriter, StoredSet
@@ -163,8 +163,9 @@ def compute_outputs(model: keras.Model, examples: Examples, path: Path, augment=
     """Run a frozen ``model`` once over every example, streaming its float32 outputs into the
     record file ``path`` (``.npy``); returns them as examples with the same labels and paths."""
     shape = tuple(model.output.shape[1:])
+    batch = inference_batch_size(examples.record_shape)
     with RecordWriter(path, len(examples), shape, np.float32) as writer:
-        for x in batches(examples, INFERENCE_BATCH, augment=augment, labels=False):
+        for x in batches(examples, batch, augment=augment, labels=False):
             writer.write(np.asarray(model.predict_on_batch(x)))
     return StoredSet(RecordFile(path), examples.labels, list(getattr(examples, "paths", [])),
                      examples.class_names)

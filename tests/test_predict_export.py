@@ -9,7 +9,7 @@ from PIL import Image
 from imgclf import models, training
 from imgclf.datasets import ImageSet, batches
 from imgclf.export import export_all, saved_model_predictor, tflite_predictor
-from imgclf.inference import predict_probs
+from imgclf.inference import inference_batch_size, predict_probs
 from imgclf.modelio import ModelInfo, save_model
 from imgclf.params import params_from_dict
 from imgclf.predict import main as predict_main
@@ -94,6 +94,24 @@ def test_predictions_match_the_model(trained, tmp_path):
     expected = model.predict(image[None].astype(np.float32), verbose=0)[0]
     assert result["top_k"][0]["label"] == NAMES[int(expected.argmax())]
     assert result["top_k"][0]["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_cpu_inference_batches_keep_a_batch_of_pixels_small():
+    # these tests run without a GPU: full-size images go a few at a time, small inputs in 64s
+    assert inference_batch_size((224, 224, 3)) == 4
+    assert inference_batch_size((96, 96, 3)) == 21
+    assert inference_batch_size((7, 7, 160)) == 64
+    assert inference_batch_size((1280,)) == 64
+    assert inference_batch_size((1024, 1024, 3)) == 1
+
+
+def test_the_inference_batch_size_does_not_change_predictions(trained):
+    model, _ = trained
+    images = np.stack([make_image(i, COLORS[i % 3], 32) for i in range(11)])
+    by_default = predict_probs(model, images, tta=False)
+    for batch_size in (1, 4, 64):
+        np.testing.assert_allclose(predict_probs(model, images, tta=False, batch_size=batch_size), by_default,
+                                   atol=1e-6)
 
 
 def test_missing_model_is_a_usage_error(tmp_path, capsys):
