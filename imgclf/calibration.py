@@ -59,7 +59,8 @@ def output_layer(model: keras.Model) -> keras.layers.Dense:
 def logits(model: keras.Model, inputs: Examples) -> np.ndarray:
     """The last layer's pre-softmax outputs for ``inputs`` (whatever the model takes: images,
     cached features or activations), from its input features (one streamed pass)."""
-    features = _pre_logits(model).predict(batches(inputs, inference_batch_size(inputs.record_shape), labels=False), verbose=0)
+    batch = inference_batch_size(inputs.record_shape)
+    features = _pre_logits(model).predict(batches(inputs, batch, labels=False), verbose=0)
     kernel, bias = (np.asarray(w, dtype=np.float64) for w in output_layer(model).get_weights())
     return features.astype(np.float64) @ kernel + bias
 

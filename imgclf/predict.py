@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="models/finetune.keras", help="a .keras model saved by the pipeline")
     parser.add_argument("--top-k", type=int, default=3, help="classes shown per image (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images decoded and held at a time (default 32)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         print("error: --top-k must be >= 1", file=sys.stderr)
