@@ -10,8 +10,8 @@ from .datasets import Examples, ImageSet, batches
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
-# MobileNetV2's frozen bottom at 224 px ran at 74 images/s 4 at a time against 35 at 64 (2-core
-# EPYC, 32 MiB L3), while the 96 px baseline is as fast at 16 as at 64.
+# MobileNetV2's frozen bottom at 224 px ran at 50-74 images/s 4 at a time against 29-37 at 64
+# (2-core EPYC, 32 MiB L3), while the 96 px baseline is as fast at 16 as at 64.
 CPU_BATCH_PIXELS = 4 * 224 * 224
 
 

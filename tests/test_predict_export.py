@@ -96,13 +96,17 @@ def test_predictions_match_the_model(trained, tmp_path):
     assert result["top_k"][0]["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
-def test_cpu_inference_batches_keep_a_batch_of_pixels_small():
-    # these tests run without a GPU: full-size images go a few at a time, small inputs in 64s
+def test_cpu_inference_batches_keep_a_batch_of_pixels_small(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: [])  # a CPU-only machine
     assert inference_batch_size((224, 224, 3)) == 4
     assert inference_batch_size((96, 96, 3)) == 21
     assert inference_batch_size((7, 7, 160)) == 64
     assert inference_batch_size((1280,)) == 64
     assert inference_batch_size((1024, 1024, 3)) == 1
+    monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: ["/device:GPU:0"])
+    assert inference_batch_size((224, 224, 3)) == 64
 
 
 def test_the_inference_batch_size_does_not_change_predictions(trained):
