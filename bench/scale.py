@@ -5,7 +5,7 @@ random crop of 70-100% of a photo's side at a random place, flipped half the tim
 re-encoded as JPEG at quality 80-95, so no two files are equal), then runs every stage of
 the pipeline in a scratch project with 1 epoch per training stage (MobileNetV2, 224 px,
 batch 32, ImageNet weights), each stage as its own process, and records its peak resident
-memory (``ru_maxrss`` of that process) and wall time. Prints a table and JSON, writes
+memory (``VmHWM`` of that process) and wall time. Prints a table and JSON, writes
 ``bench/results/scale.json`` and a plot of memory and time against N.
 
     export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)
