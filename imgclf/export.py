@@ -47,9 +47,11 @@ def saved_model_predictor(directory: Path):
 
 
 def tflite_predictor(path: Path):
-    import tensorflow as tf
+    """Run a TFLite file with LiteRT, the interpreter that replaces the deprecated
+    ``tf.lite.Interpreter`` (and the one a deployed model runs on)."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = tf.lite.Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path))
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
 

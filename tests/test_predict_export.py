@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     labels = np.repeat(np.arange(3), 16)
     model = models.build_transfer_model(params.model, 3)
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    model.fit(batches(ImageSet(images, labels, [], ["a", "b", "c"]), 8, shuffle=True), epochs=2, verbose=0)
+    model.fit(batches(ImageSet(images, labels, [], ["a", "b", "c"]), 8, shuffle=True), epochs=2, verbose=0, shuffle=False)
     folder = tmp_path_factory.mktemp("model")
     path = folder / "finetune.keras"
     save_model(model, path, ModelInfo("finetune", "mobilenetv2", NAMES, 32, tta=False))
