@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgclf import training  # noqa: E402
+from imgclf.activations import backbone_cut, compute_activations  # noqa: E402
 from imgclf.datasets import ImageSet  # noqa: E402
 from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
 from imgclf.images import decode_rgb  # noqa: E402
@@ -126,8 +127,8 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         started = time.perf_counter()
-        backbone, cut = training.backbone_cut(params.model, params.finetune)
-        activations = training.compute_activations(backbone, cut, params.model.backbone, sets[0], sets[1],
+        backbone, cut = backbone_cut(params.model, params.finetune)
+        activations = compute_activations(backbone, cut, params.model.backbone, sets[0], sets[1],
                                                    work / "activations")
         activation_seconds = time.perf_counter() - started
         head = training.train_head_on_activations(activations, params.model, params.head, params.train,

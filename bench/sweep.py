@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgclf import training  # noqa: E402
+from imgclf.activations import backbone_cut, compute_activations  # noqa: E402
 from imgclf.datasets import class_names, load_subset  # noqa: E402
 from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
 from imgclf.inference import predict_probs  # noqa: E402
@@ -80,9 +81,9 @@ def main() -> None:
                                params.finetune.unfreeze_layers], default=str)
         training.configure(params.seed, params.train)
         if head_key not in heads:
-            backbone, cut = training.backbone_cut(params.model, params.finetune)
+            backbone, cut = backbone_cut(params.model, params.finetune)
             work = Path(tempfile.mkdtemp(prefix="sweep-"))  # activations and features on disk
-            acts = training.compute_activations(backbone, cut, params.model.backbone, train, val, work / "acts")
+            acts = compute_activations(backbone, cut, params.model.backbone, train, val, work / "acts")
             result = training.train_head_on_activations(acts, params.model, params.head, params.train,
                                                         params.seed, work)
             heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),

@@ -82,6 +82,18 @@ def multi_worker_strategy():
     return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
+def strategy():
+    """The training strategy: MultiWorkerMirroredStrategy under ``TF_CONFIG``, else
+    MirroredStrategy over all GPUs when there are several, else the default strategy."""
+    import tensorflow as tf
+
+    multi_worker = multi_worker_strategy()
+    if multi_worker is not None:
+        return multi_worker
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
 def lost_worker(err: Exception) -> DistributedError:
     return DistributedError(f"{task_name()}: lost contact with the cluster in TF_CONFIG "
                             f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); "

@@ -51,7 +51,7 @@ class _Valid:
     label: str
     origin: str
     sha256: str
-    dhash: bytes
+    phash: bytes
     data: bytes | None  # None once written to the staging folder: no image is held in memory
     extension: str
     converted: bool
@@ -77,7 +77,7 @@ def _validate(item: SourceImage) -> _Valid | dict:
         data, extension = normalized_bytes(item.data, info)
     except BadImageError as err:
         return {"origin": item.origin, "label": item.label, "reason": str(err)}
-    return _Valid(item.label, item.origin, hashlib.sha256(item.data).hexdigest(), info.dhash, data, extension,
+    return _Valid(item.label, item.origin, hashlib.sha256(item.data).hexdigest(), info.phash, data, extension,
                   converted=data is not item.data)
 
 
@@ -176,7 +176,7 @@ def _near_duplicates(per_label: dict[str, list[_Valid]], max_bits: int, report: 
     conflicts: reported and removed from ``per_label``."""
     kept = [valid for label in sorted(per_label) for valid in per_label[label]]
     groups = []
-    for indices in near_duplicate_groups([v.dhash for v in kept], max_bits):
+    for indices in near_duplicate_groups([v.phash for v in kept], max_bits):
         members = [kept[i] for i in indices]
         labels = sorted({v.label for v in members})
         if len(labels) == 1:

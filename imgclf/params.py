@@ -65,8 +65,8 @@ class DataParams:
     def validate(self, key: str) -> None:
         _choice(self.source, f"{key}.source", SOURCES)
         _non_negative(self.max_per_class, f"{key}.max_per_class")
-        _check(0 <= self.near_duplicate_bits <= 15, f"{key}.near_duplicate_bits",
-               f"must be between 0 (off) and 15 bits of the 256-bit hash, got {self.near_duplicate_bits}")
+        _check(0 <= self.near_duplicate_bits <= 128, f"{key}.near_duplicate_bits",
+               f"must be between 0 (off) and 128 bits of the 256-bit hash, got {self.near_duplicate_bits}")
         if self.source == "tfds":
             _check(bool(self.name), f"{key}.name", "a TFDS dataset name is required when data.source is tfds")
         else:
@@ -81,8 +81,10 @@ class SplitParams:
     train: float
     val: float
     test: float
+    corrections: str
 
     def validate(self, key: str) -> None:
+        _check(bool(self.corrections), f"{key}.corrections", "must name the corrections file (e.g. corrections.csv)")
         for name in ("train", "val", "test"):
             value = getattr(self, name)
             _check(0 < value < 1, f"{key}.{name}", f"must be a fraction in (0, 1), got {value}")
@@ -205,6 +207,19 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class AuditParams:
+    folds: int
+    gallery_size: int
+    copy_similarity: float
+
+    def validate(self, key: str) -> None:
+        _check(self.folds >= 2, f"{key}.folds", f"must be >= 2, got {self.folds}")
+        _non_negative(self.gallery_size, f"{key}.gallery_size")
+        _check(0 < self.copy_similarity <= 1, f"{key}.copy_similarity",
+               f"must be a cosine similarity in (0, 1], got {self.copy_similarity}")
+
+
+@dataclass(frozen=True)
 class GradcamParams:
     num_images: int
     include_baseline: bool
@@ -243,6 +258,7 @@ class Params:
     head: HeadParams
     finetune: FinetuneParams
     evaluate: EvaluateParams
+    audit: AuditParams
     gradcam: GradcamParams
     export: ExportParams
     mlflow: MlflowParams

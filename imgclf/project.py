@@ -85,6 +85,19 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """``rows`` as CSV with ``columns`` (other keys ignored), written atomically."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 class DataError(ValueError):
     """Input data cannot be used (empty class, no images, bad archive...)."""
 

@@ -129,6 +129,12 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def split_name(a: Assignment) -> str:
+    """The image's file name in the split: its own, or, when a correction moved it to another
+    class, prefixed with the class it came from (which keeps names unique within a class)."""
+    return a.source.name if a.source.parent.name == a.label else f"{a.source.parent.name}--{a.source.name}"
+
+
 def write_split(assignments: list[Assignment], out_dir: Path) -> dict:
     """Link (or copy) images to ``out_dir/<split>/<class>/`` with a manifest; return per-split
     counts. Built in a staging folder and moved into place, so failure leaves no partial output."""
@@ -142,13 +148,13 @@ def write_split(assignments: list[Assignment], out_dir: Path) -> dict:
                 (staging / split / label).mkdir(parents=True)
         rows = []
         for a in sorted(assignments, key=lambda a: (a.split, a.label, a.source.name)):
-            target = staging / a.split / a.label / a.source.name
-            link_or_copy(a.source, target)
+            name = split_name(a)
+            link_or_copy(a.source, staging / a.split / a.label / name)
             counts[a.split][a.label] += 1
-            rows.append({"path": f"{a.split}/{a.label}/{a.source.name}", "split": a.split,
-                         "label": a.label, "sha256": a.sha256})
+            rows.append({"path": f"{a.split}/{a.label}/{name}", "split": a.split,
+                         "label": a.label, "sha256": a.sha256, "source": f"{a.source.parent.name}/{a.source.name}"})
         with (staging / "manifest.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "split", "label", "sha256"])
+            writer = csv.DictWriter(fh, fieldnames=["path", "split", "label", "sha256", "source"])
             writer.writeheader()
             writer.writerows(rows)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -156,3 +162,11 @@ def write_split(assignments: list[Assignment], out_dir: Path) -> dict:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {split: {**per_class, "total": sum(per_class.values())} for split, per_class in counts.items()}
+
+
+def raw_sources(split_dir: Path, root: Path) -> dict[str, str]:
+    """An image's path in the split, relative to ``root`` (as the store lists it) -> its path
+    under data/raw (``<class>/<file>``: the class it was downloaded under), from the manifest."""
+    prefix = split_dir.resolve().relative_to(root.resolve()).as_posix()
+    with (split_dir / "manifest.csv").open(newline="") as fh:
+        return {f"{prefix}/{row['path']}": row["source"] for row in csv.DictReader(fh)}

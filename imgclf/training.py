@@ -17,12 +17,11 @@ import keras
 import numpy as np
 
 from . import calibration, distributed, models
+from .activations import Activations, compute_outputs
 from .augment import augmentation
 from .datasets import Examples, batches
-from .inference import inference_batch_size
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .project import DataError
-from .store import RecordFile, RecordWriter, StoredSet
 
 
 @dataclass
@@ -59,23 +58,11 @@ def configure(seed: int, train: TrainParams) -> None:
     ``TF_CONFIG`` the multi-worker strategy is created first, as TensorFlow requires."""
     import tensorflow as tf
 
-    strategy()
+    distributed.strategy()
     keras.utils.set_random_seed(seed)
     gpus = tf.config.list_physical_devices("GPU")
     policy = "mixed_float16" if train.mixed_precision and gpus else "float32"
     keras.mixed_precision.set_global_policy(policy)
-
-
-def strategy():
-    """MultiWorkerMirroredStrategy under ``TF_CONFIG`` (see :mod:`imgclf.distributed`), else
-    MirroredStrategy over all GPUs when there are several, else the default strategy."""
-    import tensorflow as tf
-
-    multi_worker = distributed.multi_worker_strategy()
-    if multi_worker is not None:
-        return multi_worker
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
 
 
 EpochHook = Callable[[int, dict[str, float]], None]  # (0-based epoch, that epoch's logs)
@@ -136,7 +123,7 @@ def fit(model: keras.Model, train_set: Examples, val_set: Examples, batch_size: 
 def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
     """Adam with ``learning_rate`` (a number or a schedule), smoothed cross-entropy; the optimizer
     belongs to the training strategy (its variables mirror the model's)."""
-    with strategy().scope():
+    with distributed.strategy().scope():
         model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                       loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
                       metrics=["accuracy"])
@@ -151,55 +138,12 @@ def train_baseline(train_set: Examples, val_set: Examples, baseline: BaselinePar
     if baseline.lr_schedule == "cosine" and baseline.epochs:
         steps = int(np.ceil(len(train_set) / batch)) * baseline.epochs
         learning_rate = keras.optimizers.schedules.CosineDecay(baseline.learning_rate, decay_steps=steps)
-    with strategy().scope():
+    with distributed.strategy().scope():
         model = models.build_baseline(baseline, n, synchronized_bn=distributed.multi_worker_strategy() is not None)
         _compile(model, learning_rate, train.label_smoothing)
     history, seconds = fit(model, train_set, val_set, batch, baseline.epochs, baseline.patience, seed=seed,
                            augment=augmentation(augment, seed), on_epoch=on_epoch)
     return TrainResult(model, history, seconds, val_inputs=val_set)
-
-
-def compute_outputs(model: keras.Model, examples: Examples, path: Path, augment=None) -> StoredSet:
-    """Run a frozen ``model`` once over every example, streaming its float32 outputs into the
-    record file ``path`` (``.npy``); returns them as examples with the same labels and paths."""
-    shape = tuple(model.output.shape[1:])
-    batch = inference_batch_size(examples.record_shape)
-    with RecordWriter(path, len(examples), shape, np.float32) as writer:
-        for x in batches(examples, batch, augment=augment, labels=False):
-            writer.write(np.asarray(model.predict_on_batch(x)))
-    return StoredSet(RecordFile(path), examples.labels, list(getattr(examples, "paths", [])),
-                     examples.class_names)
-
-
-@dataclass
-class Activations:
-    """The frozen bottom's outputs for the train and val images, and the backbone they came
-    from, cut at the input of its layer ``cut`` (what the activations stage writes)."""
-
-    train: Examples
-    val: Examples
-    backbone: keras.Model
-    cut: int
-
-
-def backbone_cut(model_config: ModelParams, finetune: FinetuneParams) -> tuple[keras.Model, int]:
-    """The backbone (ImageNet weights from Keras' cache, or random with ``weights: none``) and
-    the index of the first layer fine-tuning trains: the cut of the cached activations."""
-    with strategy().scope():  # its variables are those of the models built around it
-        backbone = models.build_backbone(model_config.backbone, model_config.weights, model_config.image_size)
-    _, _, cut = models.split_backbone(backbone, finetune.unfreeze_layers)
-    return backbone, cut
-
-
-def compute_activations(backbone: keras.Model, cut: int, backbone_name: str, train_set: Examples,
-                        val_set: Examples, folder: Path) -> Activations:
-    """Run the backbone's bottom (below layer ``cut``) once over the train and val images,
-    into ``folder/{train,val}.npy``."""
-    bottom, _ = models.split_at(backbone, cut)
-    extractor = models.image_extractor(backbone_name, bottom, train_set.record_shape[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    return Activations(compute_outputs(extractor, train_set, folder / "train.npy"),
-                       compute_outputs(extractor, val_set, folder / "val.npy"), backbone, cut)
 
 
 def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, model_config: ModelParams,
@@ -208,7 +152,7 @@ def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, mo
     """Phase 1 on images: the frozen ``backbone`` runs every step (``head.augment``, or
     ``cache_features: false``), with on-the-fly augmentation when ``head.augment``."""
     n, batch = len(train_set.class_names), train.batch_size
-    with strategy().scope():
+    with distributed.strategy().scope():
         model = models.build_transfer_model(model_config, n, backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
     aug = augmentation(augment, seed) if head.augment else None
@@ -224,7 +168,7 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
     features (on disk in ``workdir``), the head trains on them, and its weights are copied
     into the full image model, so both paths give the same kind of model."""
     n, batch = len(activations.train.class_names), train.batch_size
-    with strategy().scope():
+    with distributed.strategy().scope():
         model = models.build_transfer_model(model_config, n, activations.backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
     started = time.perf_counter()
@@ -233,7 +177,7 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
     train_features = compute_outputs(pooled, activations.train, workdir / "features_train.npy")
     val_features = compute_outputs(pooled, activations.val, workdir / "features_val.npy")
     feature_seconds = time.perf_counter() - started
-    with strategy().scope():
+    with distributed.strategy().scope():
         head_model = models.build_head_model(train_features.record_shape[0], model_config, n)
         _compile(head_model, head.learning_rate, train.label_smoothing)
     history, fit_seconds = fit(head_model, train_features, val_features, batch, head.epochs, head.patience,
@@ -278,7 +222,7 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     ``workdir``). Without it, the whole model runs every step with fresh augmentation on
     ``train_set``/``val_set`` (images).
     """
-    n, batch = len(train_set.class_names), train.batch_size
+    batch = train.batch_size
     bottom, top, first = models.split_backbone(models.find_backbone(model), finetune.unfreeze_layers)
     trainable_layers = models.unfreeze_from(model, first)
     extra = {"unfrozen_layers_with_weights": trainable_layers,
@@ -327,43 +271,3 @@ def calibrate(result: TrainResult, enabled: bool) -> float:
     return fitted["temperature"]
 
 
-BACKBONE_FILE = "backbone.keras"
-
-
-def write_activations(model_config: ModelParams, finetune: FinetuneParams, train_set, val_set,
-                      target: Path) -> dict:
-    """The activations stage: the backbone's frozen bottom once over the train and val images
-    of the store into ``target`` (``{train,val}.npy`` and ``.csv``, ``info.json``), with the
-    backbone itself (``backbone.keras``), so the head trains on exactly the weights that made
-    them. Written to a temporary folder that replaces ``target`` at the end. Returns the info."""
-    from .store import building, write_index, write_info
-
-    backbone, cut = backbone_cut(model_config, finetune)
-    bottom, _ = models.split_at(backbone, cut)
-    per_image = int(np.prod(bottom.output.shape[1:])) * 4
-    needed = (len(train_set) + len(val_set)) * per_image + 2**27  # + the backbone file
-    with building(target, needed) as tmp:
-        compute_activations(backbone, cut, model_config.backbone, train_set, val_set, tmp)
-        for split, examples in (("train", train_set), ("val", val_set)):
-            write_index(tmp / f"{split}.csv", examples.paths, examples.labels)
-        backbone.save(tmp / BACKBONE_FILE)
-        info = {"image_size": model_config.image_size, "backbone": model_config.backbone,
-                "weights": model_config.weights, "cut": cut, "cut_layer": backbone.layers[cut].name,
-                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:])}
-        write_info(tmp, train_set.class_names, {"train": len(train_set), "val": len(val_set)}, **info)
-    return info
-
-
-def open_activations(folder: Path, backbone: str, image_size: int, load_backbone: bool = True) -> Activations:
-    """The activations stage's output; a DataError if it was made for another backbone or size."""
-    from .store import open_split, read_info
-
-    info = read_info(folder)
-    if (info["backbone"], info["image_size"]) != (backbone, image_size):
-        raise DataError(f"{folder} holds {info['backbone']} activations at {info['image_size']} px, "
-                        f"not {backbone} at {image_size} px: run `dvc repro` to rebuild it")
-    model = None
-    if load_backbone:
-        with strategy().scope():
-            model = keras.models.load_model(folder / BACKBONE_FILE, compile=False, safe_mode=True)
-    return Activations(open_split(folder, "train"), open_split(folder, "val"), model, int(info["cut"]))

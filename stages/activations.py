@@ -1,6 +1,7 @@
 """DVC stage `activations`: the frozen bottom of the backbone, once over the train and val
 images of data/store/transfer -> data/activations/ (shared by the head and finetune stages)."""
 from imgclf import distributed, tracking, training
+from imgclf.activations import write_activations
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
 from imgclf.store import open_split
@@ -14,7 +15,7 @@ def main() -> None:
     with tracking.stage_run("activations", params, layout.root) as run:
         size = params.model.image_size
         train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
-        info = training.write_activations(params.model, params.finetune, train, val, layout.activations)
+        info = write_activations(params.model, params.finetune, train, val, layout.activations)
         run.log_metrics({"train_images": len(train), "val_images": len(val), "cut": info["cut"]})
     print(f"activations: {info['backbone']} cut before layer {info['cut']} ({info['cut_layer']}), "
           f"shape {info['shape']}, train={len(train)}, val={len(val)}")

@@ -2,6 +2,7 @@
 import dataclasses
 
 from imgclf import calibration, tracking, training
+from imgclf.activations import open_activations
 from imgclf.modelio import load_model
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
@@ -22,7 +23,7 @@ def main() -> None:
         train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
         activations = None
         if params.finetune.cache_activations:
-            activations = training.open_activations(layout.activations, head_info.backbone, size, load_backbone=False)
+            activations = open_activations(layout.activations, head_info.backbone, size, load_backbone=False)
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
                                          params.seed, activations, workdir, on_epoch=run.log_epoch)

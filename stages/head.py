@@ -3,6 +3,7 @@
 By default the head trains on features pooled from the cached activations (no pass over the
 images); with `head.augment` or `cache_features: false` the frozen backbone runs every step."""
 from imgclf import tracking, training
+from imgclf.activations import open_activations
 from imgclf.modelio import ModelInfo
 from imgclf.outputs import save_training_outputs
 from imgclf.params import load_params
@@ -16,7 +17,7 @@ def main() -> None:
     training.configure(params.seed, params.train)
     with tracking.stage_run("head", params, layout.root) as run, layout.scratch() as workdir:
         size = params.model.image_size
-        activations = training.open_activations(layout.activations, params.model.backbone, size)
+        activations = open_activations(layout.activations, params.model.backbone, size)
         train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         if params.head.cache_features and not params.head.augment:

@@ -1,11 +1,17 @@
-"""Shared test helpers: generated image folders and throw-away DVC projects."""
+"""Shared test helpers: generated image folders, throw-away DVC projects, free loopback ports,
+servers started and stopped, and the test programs run as subprocesses (tests/programs/)."""
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ROOT / "tests" / "programs"
 PROJECT_FILES = ["imgclf", "stages", "params.yaml", "dvc.yaml", "inputs", ".gitignore", ".dvcignore"]
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 200, 40), (200, 40, 200)]
 
@@ -91,3 +98,83 @@ def make_project(dest: Path, params: dict) -> Path:
 
 def dvc(project: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], project, check=check, env=env)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def wait_until(check, what: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Poll ``check()`` until it returns true; fail if ``process`` exits or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} did not answer within {timeout} s")
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate ``process`` and wait for it; kill it if it does not stop within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2):
+        return True
+
+
+def clean_env(**extra: str) -> dict:
+    """This process's environment without DVC's and MLflow's variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: str, log: Path, env: dict | None = None,
+                  extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """`mlflow server` on a free loopback port; yields its URL once it answers, stops it after."""
+    port = free_port()
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--workers", "1",
+             *extra_args],
+            cwd=log.parent, env=env or clean_env(), stdout=out, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: answers(f"{url}/health"), "mlflow server", server, timeout=180)
+            yield url
+        finally:
+            stop(server)
+
+
+def run_program(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/programs/<name>`` with the project and the tests importable."""
+    full_env = {**(env or os.environ), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    return subprocess.run([sys.executable, str(PROGRAMS / name), *args], cwd=cwd, capture_output=True,
+                          text=True, env=full_env, timeout=timeout)

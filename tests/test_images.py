@@ -1,11 +1,13 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from imgclf.images import BadImageError, decode_rgb, inspect_bytes, normalized_bytes
-from conftest import make_image
+from conftest import ROOT, make_image
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -109,10 +111,14 @@ def test_exif_orientation_is_applied_wherever_images_are_decoded(tag, tmp_path):
 
 
 def smooth_image(seed: int, size: int = 96) -> Image.Image:
-    """A photo-like image: random low-frequency colour fields (no two seeds alike)."""
+    """A photo-like image: random colour fields at four scales (detail at several frequencies,
+    as photos have; no two seeds alike)."""
     rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(0, 255, (5, 5, 3)).astype(np.uint8))
-    return small.resize((size, size), Image.Resampling.BICUBIC)
+    out = np.zeros((size, size, 3))
+    for cells, weight in ((4, 1.0), (8, 0.6), (16, 0.4), (32, 0.25)):
+        field = Image.fromarray(rng.integers(0, 255, (cells, cells, 3)).astype(np.uint8))
+        out += weight * np.asarray(field.resize((size, size), Image.Resampling.BICUBIC), np.float64)
+    return Image.fromarray(((out - out.min()) / (out.max() - out.min()) * 255).astype(np.uint8))
 
 
 def bits_apart(a: bytes, b: bytes) -> int:
@@ -126,14 +132,41 @@ def test_perceptual_hash_sees_resized_reencoded_and_cropped_copies_and_tells_oth
     copies = [original.resize((60, 60), Image.Resampling.LANCZOS),  # resized
               original,  # re-encoded at low quality below
               original.crop((2, 2, 94, 94))]  # slightly cropped
-    hashes = [inspect_bytes(encode(original, "PNG")).dhash]
-    hashes += [inspect_bytes(encode(copy, "JPEG", quality=50)).dhash for copy in copies]
-    others = [inspect_bytes(encode(smooth_image(seed), "PNG")).dhash for seed in range(2, 12)]
-    assert max(bits_apart(hashes[0], h) for h in hashes[1:]) <= 10
-    assert min(bits_apart(a, b) for i, a in enumerate(others) for b in others[i + 1:] + hashes[:1]) > 30
-    groups = near_duplicate_groups(hashes + others, 10)
+    hashes = [inspect_bytes(encode(original, "PNG")).phash]
+    hashes += [inspect_bytes(encode(copy, "JPEG", quality=50)).phash for copy in copies]
+    others = [inspect_bytes(encode(smooth_image(seed), "PNG")).phash for seed in range(2, 12)]
+    assert max(bits_apart(hashes[0], h) for h in hashes[1:]) <= 64
+    assert min(bits_apart(a, b) for i, a in enumerate(others) for b in others[i + 1:] + hashes[:1]) > 64
+    groups = near_duplicate_groups(hashes + others, 64)
     assert groups == [[0, 1, 2, 3]]
     assert near_duplicate_groups(hashes + others, 0) == []
+
+
+REAL_PHOTOS = sorted((Path(__file__).parent / "data" / "flowers").glob("*.jpg"))
+
+
+def crop_each_side(image: Image.Image, fraction: float) -> Image.Image:
+    dx, dy = round(image.width * fraction), round(image.height * fraction)
+    return image.crop((dx, dy, image.width - dx, image.height - dy))
+
+
+def test_copies_of_real_photos_are_grouped_and_unrelated_photos_are_not():
+    """tf_flowers photos (tests/data/flowers): copies cropped by 2% on every side, resized to
+    80% and re-encoded at JPEG quality 50 are grouped with their original at the default
+    threshold; the photos themselves are never grouped with each other."""
+    from imgclf.images import near_duplicate_groups
+
+    default_bits = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["near_duplicate_bits"]
+    photos = [Image.open(path).convert("RGB") for path in REAL_PHOTOS]
+    assert len(photos) >= 6
+    originals = [inspect_bytes(path.read_bytes()).phash for path in REAL_PHOTOS]
+    assert near_duplicate_groups(originals, default_bits) == []
+    for photo, original in zip(photos, originals):
+        cropped = crop_each_side(photo, 0.02)
+        copies = [cropped, photo.resize((round(photo.width * 0.8), round(photo.height * 0.8))),
+                  cropped.resize((round(cropped.width * 0.8), round(cropped.height * 0.8)))]
+        hashes = [original] + [inspect_bytes(encode(copy, "JPEG", quality=50)).phash for copy in copies]
+        assert near_duplicate_groups(hashes + [h for h in originals if h != original], default_bits) == [[0, 1, 2, 3]]
 
 
 @pytest.mark.parametrize("tag", [3, 6, 8])
@@ -142,6 +175,6 @@ def test_the_perceptual_hash_is_taken_of_the_upright_image(tag):
     exif = Image.Exif()
     exif[0x0112] = tag
     stored = scene.transpose(STORED_AS[tag])
-    tagged = inspect_bytes(encode(stored, "JPEG", quality=90, exif=exif)).dhash
-    assert bits_apart(tagged, inspect_bytes(encode(scene, "PNG")).dhash) <= 10
-    assert bits_apart(tagged, inspect_bytes(encode(stored, "PNG")).dhash) > 30
+    tagged = inspect_bytes(encode(stored, "JPEG", quality=90, exif=exif)).phash
+    assert bits_apart(tagged, inspect_bytes(encode(scene, "PNG")).phash) <= 16
+    assert bits_apart(tagged, inspect_bytes(encode(stored, "PNG")).phash) > 64

@@ -18,7 +18,7 @@ def test_ingest_keeps_valid_unique_images_and_reports_the_rest(tmp_path):
     shutil.copy(src / "class_2" / "img_002.jpg", src / "class_0" / "conflict.jpg")  # two classes
     (src / "stray.txt").write_text("outside any class")
 
-    report = ingest(iter_folder(src), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=10)
+    report = ingest(iter_folder(src), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=64)
 
     skipped = {s["origin"].split("/")[-1]: s["reason"] for s in report.skipped}
     assert set(skipped) == {"notes.txt", "zero.jpg", "truncated.jpg", "stray.txt"}
@@ -35,8 +35,8 @@ def test_ingest_keeps_valid_unique_images_and_reports_the_rest(tmp_path):
 
 def test_max_per_class_caps_deterministically(tmp_path):
     src = make_folder(tmp_path / "src", classes=2, per_class=10)
-    a = ingest(iter_folder(src), tmp_path / "a", max_per_class=4, seed=1, near_duplicate_bits=10)
-    ingest(iter_folder(src), tmp_path / "b", max_per_class=4, seed=1, near_duplicate_bits=10)
+    a = ingest(iter_folder(src), tmp_path / "a", max_per_class=4, seed=1, near_duplicate_bits=64)
+    ingest(iter_folder(src), tmp_path / "b", max_per_class=4, seed=1, near_duplicate_bits=64)
     assert a.counts == {"class_0": 4, "class_1": 4} and a.capped == 12
     names = lambda root: sorted(p.name for p in root.rglob("*.jpg"))  # noqa: E731
     assert names(tmp_path / "a") == names(tmp_path / "b")
@@ -47,7 +47,7 @@ def test_class_with_only_bad_files_fails_and_writes_nothing(tmp_path):
     (src / "broken").mkdir()
     (src / "broken" / "a.jpg").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="no valid images: broken"):
-        ingest(iter_folder(src), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=10)
+        ingest(iter_folder(src), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=64)
     assert not (tmp_path / "raw").exists()
     assert not list(tmp_path.glob(".raw*"))
 
@@ -71,7 +71,7 @@ def test_near_identical_images_are_grouped_and_conflicts_across_classes_excluded
     smooth_image(105).resize((80, 80)).save(src / "a" / "105_in_wrong_class.jpg", quality=70)
 
     raw = tmp_path / "raw"
-    report = ingest(iter_folder(src), raw, max_per_class=0, seed=0, near_duplicate_bits=10)
+    report = ingest(iter_folder(src), raw, max_per_class=0, seed=0, near_duplicate_bits=64)
 
     near = [c for c in report.conflicts if c["kind"] == "near-identical"]
     assert len(near) == 1 and near[0]["labels"] == ["a", "b"]
@@ -82,7 +82,7 @@ def test_near_identical_images_are_grouped_and_conflicts_across_classes_excluded
     assert report.summary()["near_duplicate_groups"] == 10
 
     groups = read_groups(raw)
-    splits = {a.source: a.split for a in assign(list_class_images(raw), SplitParams(0.5, 0.25, 0.25), 3, groups)}
+    splits = {a.source: a.split for a in assign(list_class_images(raw), SplitParams(0.5, 0.25, 0.25, "corrections.csv"), 3, groups)}
     assert len({s for s in splits.values()}) == 3
     for group in groups:
         assert len({splits[path] for path in group}) == 1, f"group split apart: {group}"

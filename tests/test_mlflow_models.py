@@ -3,7 +3,6 @@ signature, registered, and served by `mlflow models serve` in a process that imp
 this project."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,7 @@ from imgclf import models, training
 from imgclf.modelio import ModelInfo, save_model
 from imgclf.params import params_from_dict
 from imgclf.tracking import stage_run
-from conftest import COLORS, make_image, tiny_params
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import COLORS, answers, free_port, make_image, stop, tiny_params, wait_until
 
 
 @pytest.fixture
@@ -100,22 +93,13 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
          "-h", "127.0.0.1", "-p", str(port)], cwd=tmp_path, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
-                time.sleep(1)
+        wait_until(lambda: answers(f"http://127.0.0.1:{port}/ping"), "mlflow models serve", server, timeout=180)
         body = {"dataframe_records": [{"image": base64.b64encode(photo.read_bytes()).decode()}]}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     (row,) = answer["predictions"]
     expected = predict_probs(model, decode_rgb(photo, 32)[None], tta=True)[0]
     np.testing.assert_allclose([row[n] for n in names], expected, atol=1e-5)

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,9 @@ import yaml
 
 from imgclf import distributed, store
 from imgclf.datasets import list_subset
-from conftest import ROOT, make_folder, tiny_params
+from conftest import ROOT, free_ports, make_folder, tiny_params
 
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+pytestmark = pytest.mark.slow
 
 
 def tf_config(ports: list[int], index: int) -> str:

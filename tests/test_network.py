@@ -14,15 +14,9 @@ from PIL import Image
 
 from imgclf import network
 from imgclf.network import NetworkError, cached_download, with_retries
-from conftest import COLORS, make_image, make_project, run, tiny_params
+from conftest import COLORS, free_port, make_image, make_project, run, tiny_params
 
 NO_WAIT = (0.0, 0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def photos_archive() -> bytes:

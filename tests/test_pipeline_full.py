@@ -8,7 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import COLORS, dvc, make_folder, make_image, make_project, run, tiny_params
+from conftest import COLORS, dvc, make_folder, make_image, make_project, run, tiny_params, wait_until
 
 MODELS = ("baseline", "head", "finetune")
 KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_ovr", "ece", "test_loss",
@@ -102,8 +102,7 @@ def test_a_params_key_removed_stops_the_stage_naming_it(project):
     try:
         result = dvc(project, "repro", "finetune", check=False)
     finally:
-        # dvc repro removed the stage's outputs before running it: metrics and plots (cache: false)
-        # come back from git, the model from the DVC cache
+        # dvc repro removed the stage's outputs before running it: they come back from the DVC cache
         run(["git", "checkout", "-q", "--", "."], project)
         dvc(project, "checkout", "-f")
     assert result.returncode != 0
@@ -129,7 +128,7 @@ def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {r.data.tags["stage"] for r in children} == {
-        "download", "split", "store@baseline", "store@transfer", "baseline", "activations", "head", "finetune",
+        "weights", "download", "split", "store@baseline", "store@transfer", "baseline", "activations", "head", "finetune",
         "evaluate", "gradcam", "export"}
     head = next(r for r in children if r.data.tags["stage"] == "head")
     assert head.data.params["model.backbone"] == "mobilenetv2"
@@ -208,3 +207,22 @@ def test_push_clone_pull_round_trip(project, tmp_path):
     fetched = tmp_path / "fetched.keras"
     dvc(tmp_path, "artifacts", "get", str(project), "image-classifier", "-o", str(fetched))
     assert fetched.read_bytes() == (project / "models/finetune.keras").read_bytes()
+
+
+def test_a_queued_experiment_in_a_clone_without_dvc_lock_reruns_only_what_changed(project, tmp_path):
+    """A fresh clone that never committed dvc.lock, sharing the cache: a queued experiment that
+    changes one fine-tuning param restores every other stage from DVC's run cache."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["git", "rm", "-q", "dvc.lock"], clone)
+    run(["git", "commit", "-qm", "no lock"], clone)
+    dvc(clone, "cache", "dir", str(project / ".dvc" / "cache"))
+    dvc(clone, "exp", "run", "--queue", "-n", "lr-only", "-S", "finetune.learning_rate=0.001")
+    dvc(clone, "queue", "start", "-j", "1")
+    wait_until(lambda: "Success" in dvc(clone, "queue", "status").stdout
+               or "Failed" in dvc(clone, "queue", "status").stdout, "the queued experiment", timeout=900)
+    log = dvc(clone, "queue", "logs", "lr-only").stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", log))
+    assert "Success" in dvc(clone, "queue", "status").stdout, log[-3000:]
+    assert ran == {"finetune", "evaluate", "gradcam", "export"}, log[-3000:]
+    assert "Stage 'baseline' is cached - skipping run" in log

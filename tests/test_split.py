@@ -6,7 +6,7 @@ from imgclf.params import SplitParams
 from imgclf.split import assign, list_class_images, write_split
 from conftest import make_folder
 
-FRACTIONS = SplitParams(0.7, 0.15, 0.15)
+FRACTIONS = SplitParams(0.7, 0.15, 0.15, "corrections.csv")
 
 
 def by_name(assignments):

@@ -4,9 +4,6 @@ model as the arrays in memory; and memory does not grow with the size of the spl
 import errno
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ from imgclf.datasets import ImageSet, batches, list_subset
 from imgclf.images import decode_rgb
 from imgclf.params import params_from_dict
 from imgclf.project import DataError
-from conftest import ROOT, make_folder, tiny_params
+from conftest import make_folder, run_program, tiny_params
 
 
 def test_records_round_trip_in_any_order(tmp_path):
@@ -152,31 +149,6 @@ def test_training_from_the_store_equals_training_from_memory(tmp_path):
         np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3)
 
 
-# Trains the baseline for one epoch from a store of N images (given on the command line) in a
-# fresh process and prints its peak resident memory in MiB.
-PEAK_RSS_SCRIPT = textwrap.dedent('''
-    import sys
-    import numpy as np
-    from imgclf import store, training
-    from imgclf.datasets import ImageSet
-    from imgclf.params import params_from_dict
-    from conftest import tiny_params
-
-    folder, mode = sys.argv[1], sys.argv[2]
-    params = params_from_dict(tiny_params(baseline={"epochs": 1, "image_size": 128, "filters": [4]}))
-    training.configure(params.seed, params.train)
-    train, val = store.open_split(folder, "train", 128), store.open_split(folder, "val", 128)
-    if mode == "memory":  # what a stage that loads its whole split does
-        train = ImageSet(train.read(np.arange(len(train))), train.labels, train.paths, train.class_names)
-    training.calibrate(training.train_baseline(train, val, params.baseline, params.train, params.augment,
-                                               params.seed), True)
-    # VmHWM of this process, not ru_maxrss: Linux carries the parent's high-water mark into
-    # ru_maxrss across exec, and the parent (pytest) may be larger than this whole test
-    peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print("PEAK_MIB", peak_kib / 1024)
-''')
-
-
 def synthetic_store(folder, count: int, size: int = 128):
     """A store of ``count`` random images (train) and 16 (val), written as the store stage does."""
     rng = np.random.default_rng(count)
@@ -191,13 +163,12 @@ def synthetic_store(folder, count: int, size: int = 128):
 
 
 def peak_mib(folder, mode: str) -> float:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    done = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(folder), mode], capture_output=True,
-                          text=True, env=env, timeout=600)
+    done = run_program("peak_rss.py", str(folder), mode)
     assert done.returncode == 0, done.stderr[-3000:]
     return float(done.stdout.split("PEAK_MIB")[-1])
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_split(tmp_path):
     """A 40x larger training split (10,000 images, 469 MiB of pixels, against 250) adds almost
     nothing to the stage's peak memory; holding the split in memory adds at least half its size.

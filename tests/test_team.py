@@ -4,48 +4,18 @@ Every server is started on a free port by a fixture and stopped at the end."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import dvc, make_folder, make_project, run, tiny_params
+pytestmark = pytest.mark.slow
+
+from conftest import clean_env, dvc, free_port, make_folder, make_project, mlflow_server, run, stop, tiny_params, wait_until
 
 BUCKET = "team-bucket"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, what: str, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        if time.time() > deadline:
-            raise TimeoutError(f"{what} did not answer within {timeout} s")
-        time.sleep(0.5)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -109,31 +79,10 @@ def s3():
 @pytest.fixture(scope="module")
 def tracking_server(postgres, s3, tmp_path_factory):
     """`mlflow server` with the PostgreSQL backend store and artifacts proxied to the bucket."""
-    from imgclf.tracking import TrackingError, check_reachable
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3)
-    log = (tmp_path_factory.mktemp("mlflow") / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", postgres, "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            check_reachable(uri, timeout=2)
-            return True
-        except TrackingError:
-            return False
-
-    try:
-        wait_until(up, "mlflow server", server, timeout=180)
+    env = clean_env(**CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3)
+    with mlflow_server(postgres, f"s3://{BUCKET}/mlflow", tmp_path_factory.mktemp("mlflow") / "server.log",
+                       env=env) as uri:
         yield uri
-    finally:
-        stop(server)
-        log.close()
 
 
 def bucket_keys(endpoint: str, prefix: str) -> list[str]:

@@ -48,7 +48,7 @@ def test_tfds_source_yields_original_bytes_offline(tmp_path):
     originals = {_jpeg(c * 10 + i, COLORS[c]) for c in range(3) for i in range(5)}
     assert {item.data for item in items} == originals  # byte for byte, not re-encoded
 
-    report = ingest(iter(items), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=10)
+    report = ingest(iter(items), tmp_path / "raw", max_per_class=0, seed=0, near_duplicate_bits=64)
     assert report.counts == {"daisy": 5, "roses": 5, "tulips": 5}
     assert len(report.duplicates) == 1
     first = next((tmp_path / "raw" / "daisy").iterdir()).read_bytes()

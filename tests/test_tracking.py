@@ -1,6 +1,5 @@
 """MLflow tracking: store location, fail-fast on a dead server, a real server, tracking off."""
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -8,13 +7,8 @@ import time
 import pytest
 
 from imgclf.tracking import TrackingError, check_reachable, main_project_root, tracking_uri
-from conftest import dvc, make_folder, make_project, run, tiny_params
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import (PROGRAMS, ROOT, clean_env, dvc, free_port, make_folder, make_project, mlflow_server, run,
+                      tiny_params)
 
 
 def test_queued_experiment_copies_map_to_the_main_project(tmp_path, monkeypatch):
@@ -60,25 +54,10 @@ def test_tracking_can_be_turned_off(small_project):
     assert not (small_project / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_stages_log_to_a_real_tracking_server(small_project, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                check_reachable(uri, timeout=2)
-                break
-            except TrackingError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "server-artifacts"),
+                       tmp_path / "server.log") as uri:
         dvc(small_project, "repro", "split", env={"MLFLOW_TRACKING_URI": uri})
         from mlflow.tracking import MlflowClient
 
@@ -94,9 +73,6 @@ def test_stages_log_to_a_real_tracking_server(small_project, tmp_path):
             next(r for r in runs if r.data.tags.get("stage") == "download").info.run_id)]
         assert "report.json" in artifacts
         assert not (small_project / "mlflow.db").exists()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_parent_run_is_running_while_a_stage_runs_and_spans_all_stages(tmp_path, monkeypatch):
@@ -133,28 +109,13 @@ def test_parent_run_is_running_while_a_stage_runs_and_spans_all_stages(tmp_path,
     assert client.get_run(first.parent_id).info.status == "FAILED"
 
 
-WORKER = r'''
-import os, sys
-from imgclf.params import params_from_dict
-from imgclf.tracking import stage_run
-from conftest import tiny_params
-params = params_from_dict(tiny_params())
-for stage in ("download", "split"):
-    with stage_run(stage, params, __import__("pathlib").Path.cwd()) as run:
-        run.log_metrics({"images": 3.0})
-print("LOGGED", os.environ["DVC_EXP_NAME"])
-'''
-
-
 def test_parallel_workers_creating_the_default_store_lose_no_run(tmp_path):
     """Six `dvc exp` workers starting at once on a project without mlflow.db: all runs land."""
     from mlflow.tracking import MlflowClient
 
-    from conftest import ROOT
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{ROOT / 'tests'}"
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER], cwd=tmp_path, env={**env, "DVC_EXP_NAME": f"exp-{i}"},
+    env = clean_env(PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    workers = [subprocess.Popen([sys.executable, str(PROGRAMS / "tracking_worker.py")], cwd=tmp_path,
+                                env={**env, "DVC_EXP_NAME": f"exp-{i}"},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(6)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs):

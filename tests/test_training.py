@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from imgclf import models, training
+from imgclf.activations import backbone_cut, compute_activations
 from imgclf.datasets import ImageSet, load_subset
 from imgclf.modelio import ModelInfo, load_model, save_model
 from imgclf.params import params_from_dict
@@ -30,10 +31,10 @@ def configure(p):
 def head(train, val, p, use_cache=True, workdir=None):
     """The head stage: on features pooled from the activations stage's output (written to
     ``workdir``), or on images with the frozen backbone running every step."""
-    backbone, cut = training.backbone_cut(p.model, p.finetune)
+    backbone, cut = backbone_cut(p.model, p.finetune)
     if not use_cache:
         return training.train_head(train, val, backbone, p.model, p.head, p.train, p.augment, p.seed)
-    activations = training.compute_activations(backbone, cut, p.model.backbone, train, val, workdir / "acts")
+    activations = compute_activations(backbone, cut, p.model.backbone, train, val, workdir / "acts")
     result = training.train_head_on_activations(activations, p.model, p.head, p.train, p.seed, workdir)
     result.activations = activations
     return result

@@ -1,0 +1,114 @@
+"""The activations cache: the backbone's frozen bottom run once per train and val image (the
+activations stage), read back by the head and finetune stages, and the pooled features computed
+from it. Every pass streams batches from disk, so memory does not grow with the data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from . import distributed, models
+from .datasets import Examples, batches
+from .inference import inference_batch_size
+from .params import FinetuneParams, ModelParams
+from .project import DataError
+from .store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
+
+
+def compute_outputs(model: keras.Model, examples: Examples, path: Path, augment=None) -> StoredSet:
+    """Run a frozen ``model`` once over every example, streaming its float32 outputs into the
+    record file ``path`` (``.npy``); returns them as examples with the same labels and paths."""
+    shape = tuple(model.output.shape[1:])
+    batch = inference_batch_size(examples.record_shape)
+    with RecordWriter(path, len(examples), shape, np.float32) as writer:
+        for x in batches(examples, batch, augment=augment, labels=False):
+            writer.write(np.asarray(model.predict_on_batch(x)))
+    return StoredSet(RecordFile(path), examples.labels, list(getattr(examples, "paths", [])),
+                     examples.class_names)
+
+
+@dataclass
+class Activations:
+    """The frozen bottom's outputs for the train and val images, and the backbone they came
+    from, cut at the input of its layer ``cut`` (what the activations stage writes)."""
+
+    train: Examples
+    val: Examples
+    backbone: keras.Model
+    cut: int
+
+
+def backbone_cut(model_config: ModelParams, finetune: FinetuneParams) -> tuple[keras.Model, int]:
+    """The backbone (ImageNet weights from Keras' cache, or random with ``weights: none``) and
+    the index of the first layer fine-tuning trains: the cut of the cached activations."""
+    with distributed.strategy().scope():  # its variables are those of the models built around it
+        backbone = models.build_backbone(model_config.backbone, model_config.weights, model_config.image_size)
+    _, _, cut = models.split_backbone(backbone, finetune.unfreeze_layers)
+    return backbone, cut
+
+
+def compute_activations(backbone: keras.Model, cut: int, backbone_name: str, train_set: Examples,
+                        val_set: Examples, folder: Path) -> Activations:
+    """Run the backbone's bottom (below layer ``cut``) once over the train and val images,
+    into ``folder/{train,val}.npy``."""
+    bottom, _ = models.split_at(backbone, cut)
+    extractor = models.image_extractor(backbone_name, bottom, train_set.record_shape[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    return Activations(compute_outputs(extractor, train_set, folder / "train.npy"),
+                       compute_outputs(extractor, val_set, folder / "val.npy"), backbone, cut)
+
+
+BACKBONE_FILE = "backbone.keras"
+
+
+def write_activations(model_config: ModelParams, finetune: FinetuneParams, train_set, val_set,
+                      target: Path) -> dict:
+    """The activations stage: the backbone's frozen bottom once over the train and val images
+    of the store into ``target`` (``{train,val}.npy`` and ``.csv``, ``info.json``), with the
+    backbone itself (``backbone.keras``), so the head trains on exactly the weights that made
+    them. Written to a temporary folder that replaces ``target`` at the end. Returns the info."""
+    backbone, cut = backbone_cut(model_config, finetune)
+    bottom, _ = models.split_at(backbone, cut)
+    per_image = int(np.prod(bottom.output.shape[1:])) * 4
+    needed = (len(train_set) + len(val_set)) * per_image + 2**27  # + the backbone file
+    with building(target, needed) as tmp:
+        compute_activations(backbone, cut, model_config.backbone, train_set, val_set, tmp)
+        for split, examples in (("train", train_set), ("val", val_set)):
+            write_index(tmp / f"{split}.csv", examples.paths, examples.labels)
+        backbone.save(tmp / BACKBONE_FILE)
+        info = {"image_size": model_config.image_size, "backbone": model_config.backbone,
+                "weights": model_config.weights, "cut": cut, "cut_layer": backbone.layers[cut].name,
+                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:])}
+        write_info(tmp, train_set.class_names, {"train": len(train_set), "val": len(val_set)}, **info)
+    return info
+
+
+def open_activations(folder: Path, backbone: str, image_size: int, load_backbone: bool = True) -> Activations:
+    """The activations stage's output; a DataError if it was made for another backbone or size."""
+    info = read_info(folder)
+    if (info["backbone"], info["image_size"]) != (backbone, image_size):
+        raise DataError(f"{folder} holds {info['backbone']} activations at {info['image_size']} px, "
+                        f"not {backbone} at {image_size} px: run `dvc repro` to rebuild it")
+    model = None
+    if load_backbone:
+        with distributed.strategy().scope():
+            model = keras.models.load_model(folder / BACKBONE_FILE, compile=False, safe_mode=True)
+    return Activations(open_split(folder, "train"), open_split(folder, "val"), model, int(info["cut"]))
+
+
+def pooled_features(activations: Activations, workdir: Path, test_set: Examples | None = None,
+                    backbone_name: str = "") -> dict[str, StoredSet]:
+    """The backbone's globally pooled features (the head's inputs) of the train and val images,
+    from their cached activations through the frozen top, and, given ``test_set`` (images), of
+    the test images through the whole backbone; streamed into record files in ``workdir``."""
+    bottom, top = models.split_at(activations.backbone, activations.cut)
+    pooled = models.pooled_top(top)
+    out = {split: compute_outputs(pooled, examples, workdir / f"features_{split}.npy")
+           for split, examples in (("train", activations.train), ("val", activations.val))}
+    if test_set is not None:
+        extractor = models.image_extractor(backbone_name, bottom, test_set.record_shape[0])
+        test_activations = compute_outputs(extractor, test_set, workdir / "activations_test.npy")
+        out["test"] = compute_outputs(pooled, test_activations, workdir / "features_test.npy")
+    return out

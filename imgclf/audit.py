@@ -1,0 +1,195 @@
+"""Data audit: which labels are likely wrong, which images are outliers, and which images in
+different splits are copies of each other, all from the frozen backbone's pooled features.
+
+Every image is scored with class probabilities from a model that never saw it: train and val
+by k-fold cross-validation of a logistic regression on their features, test by one fitted on
+all of train and val. cleanlab ranks the labels (label quality: the probability given to the
+label, low = suspicious) and flags label issues."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import AuditParams
+
+LABEL_ISSUE_COLUMNS = ["path", "split", "given", "suggested", "score"]
+_BLOCK = 1024  # rows of the similarity matrix computed at once
+
+
+@dataclass(frozen=True)
+class AuditSet:
+    """One split's pooled features, labels and raw paths (``<class>/<file>`` under data/raw)."""
+
+    split: str
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int
+    paths: list[str]
+
+
+class AuditSkipped(Exception):
+    """The data cannot be audited (too few images for the folds, a single class): the stage
+    writes an empty report with this reason instead of failing the run."""
+
+
+def check_auditable(sets: list[AuditSet], class_names: list[str], folds: int) -> None:
+    if len(class_names) < 2:
+        raise AuditSkipped(f"one class only ({', '.join(class_names)}): nothing to tell apart")
+    fitted = np.concatenate([s.labels for s in sets if s.split != "test"])
+    counts = np.bincount(fitted, minlength=len(class_names))
+    small = [f"{class_names[c]} ({counts[c]})" for c in range(len(class_names)) if counts[c] < folds]
+    if small:
+        raise AuditSkipped(f"class(es) with fewer train+val images than audit.folds={folds}: {', '.join(small)}")
+
+
+def _classifier(seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=500, random_state=seed))
+
+
+def out_of_sample_probs(sets: list[AuditSet], num_classes: int, folds: int, seed: int) -> list[np.ndarray]:
+    """Class probabilities for every image of every set, each from a model not fitted on it:
+    k-fold cross-validation over train and val together, and a model fitted on both for test."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    fitted = [s for s in sets if s.split != "test"]
+    x = np.concatenate([s.features for s in fitted])
+    y = np.concatenate([s.labels for s in fitted])
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    cross = _full_width(cross_val_predict(_classifier(seed), x, y, cv=cv, method="predict_proba"), y, num_classes)
+    final = _classifier(seed).fit(x, y)
+    out, start = [], 0
+    for s in sets:
+        if s.split == "test":
+            out.append(_full_width(final.predict_proba(s.features), y, num_classes))
+        else:
+            out.append(cross[start:start + len(s.labels)])
+            start += len(s.labels)
+    return out
+
+
+def _full_width(probs: np.ndarray, fitted_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Probabilities over all classes (a class absent from the fitted labels gets 0)."""
+    present = np.unique(fitted_labels)
+    if len(present) == num_classes:
+        return probs
+    full = np.zeros((len(probs), num_classes), probs.dtype)
+    full[:, present] = probs
+    return full
+
+
+def label_issues(sets: list[AuditSet], probs: list[np.ndarray], class_names: list[str]) -> list[dict]:
+    """One row per image, most suspicious first: ``score`` is cleanlab's label quality (the
+    out-of-sample probability of the given label; 0 = surely wrong, 1 = surely right) and
+    ``issue`` whether cleanlab's noise-rate estimate flags the label. Train+val and test are
+    judged separately (their probabilities come from different models)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    rows = []
+    groups = [[i for i, s in enumerate(sets) if s.split != "test"], [i for i, s in enumerate(sets) if s.split == "test"]]
+    for members in groups:
+        if not members:
+            continue
+        labels = np.concatenate([sets[i].labels for i in members])
+        p = np.concatenate([probs[i] for i in members])
+        scores = get_label_quality_scores(labels, p, method="self_confidence")
+        flagged = (find_label_issues(labels, p, filter_by="prune_by_noise_rate")
+                   if len(np.unique(labels)) > 1 else np.zeros(len(labels), bool))
+        suggested = p.argmax(axis=1)
+        k = 0
+        for i in members:
+            for path, label in zip(sets[i].paths, sets[i].labels):
+                rows.append({"path": path, "split": sets[i].split, "given": class_names[label],
+                             "suggested": class_names[suggested[k]], "score": round(float(scores[k]), 6),
+                             "issue": bool(flagged[k])})
+                k += 1
+    return sorted(rows, key=lambda r: (r["score"], r["path"]))
+
+
+def outliers(sets: list[AuditSet], class_names: list[str]) -> list[dict]:
+    """Images least like the rest (cleanlab's out-of-distribution score on the features: the
+    mean distance to their nearest neighbours; low = unusual), most unusual first."""
+    from cleanlab.outlier import OutOfDistribution
+
+    features = np.concatenate([s.features for s in sets])
+    k = min(10, len(features) - 1)
+    scores = OutOfDistribution(params={"k": k}).fit_score(features=features)
+    rows = [{"path": p, "split": s.split, "label": class_names[label]} for s in sets
+            for p, label in zip(s.paths, s.labels)]
+    for row, score in zip(rows, scores):
+        row["score"] = round(float(score), 6)
+    return sorted(rows, key=lambda r: (r["score"], r["path"]))
+
+
+def cross_split_copies(sets: list[AuditSet], min_similarity: float) -> list[dict]:
+    """Pairs of images in different splits whose features have a cosine similarity of at least
+    ``min_similarity``: copies a hash missed (recoloured, reframed, edited), which leak between
+    the splits. Most similar first."""
+    features = np.concatenate([s.features for s in sets]).astype(np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    split = np.concatenate([[i] * len(s.labels) for i, s in enumerate(sets)])
+    paths = [p for s in sets for p in s.paths]
+    found = []
+    for start in range(0, len(features), _BLOCK):
+        sims = features[start:start + _BLOCK] @ features[start:].T
+        rows, cols = np.nonzero(sims >= min_similarity)
+        for r, c in zip(rows, cols):
+            i, j = r + start, c + start
+            if i < j and split[i] != split[j]:
+                found.append({"path_a": paths[i], "split_a": sets[split[i]].split, "path_b": paths[j],
+                              "split_b": sets[split[j]].split, "similarity": round(float(sims[r, c]), 4)})
+    return sorted(found, key=lambda r: -r["similarity"])
+
+
+def summarize(rows: list[dict], class_names: list[str], audit: AuditParams) -> dict:
+    """Counts of images and flagged labels per split and class, and how the scores were made."""
+    per_split: dict[str, dict] = {}
+    for row in rows:
+        entry = per_split.setdefault(row["split"], {"images": 0, "suspects": 0,
+                                                    "suspects_per_class": dict.fromkeys(class_names, 0)})
+        entry["images"] += 1
+        if row["issue"]:
+            entry["suspects"] += 1
+            entry["suspects_per_class"][row["given"]] += 1
+    return {
+        "suspects": sum(e["suspects"] for e in per_split.values()),
+        "images": len(rows),
+        "per_split": per_split,
+        "method": {
+            "features": "the frozen backbone's globally pooled features (the head's inputs)",
+            "probabilities": f"out of sample: {audit.folds}-fold cross-validation of a standardised logistic "
+                             "regression over train+val; test scored by one fitted on all of train+val",
+            "score": "cleanlab label quality (self_confidence): the probability of the given label; "
+                     "0 = surely mislabelled, 1 = surely right; label_issues.csv is sorted by it, lowest first",
+            "suspect": "flagged by cleanlab.filter.find_label_issues (prune_by_noise_rate), "
+                       "train+val and test judged separately",
+        },
+    }
+
+
+@dataclass
+class AuditReport:
+    label_issues: list[dict]
+    outliers: list[dict]
+    copies: list[dict]
+    summary: dict
+
+
+def audit(sets: list[AuditSet], class_names: list[str], params: AuditParams, seed: int) -> AuditReport:
+    """Label issues, outliers and cross-split copies of ``sets``; an empty report (with the
+    reason in its summary) when the data cannot be audited."""
+    try:
+        check_auditable(sets, class_names, params.folds)
+    except AuditSkipped as reason:
+        return AuditReport([], [], [], {"suspects": 0, "images": sum(len(s.labels) for s in sets),
+                                        "skipped": str(reason)})
+    probs = out_of_sample_probs(sets, len(class_names), params.folds, seed)
+    rows = label_issues(sets, probs, class_names)
+    copies = cross_split_copies(sets, params.copy_similarity)
+    summary = summarize(rows, class_names, params)
+    summary["cross_split_copies"] = len(copies)
+    return AuditReport(rows, outliers(sets, class_names), copies, summary)

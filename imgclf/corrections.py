@@ -1,0 +1,78 @@
+"""Label corrections: a reviewed, git-tracked CSV (``path,action,label``) that the split stage
+applies to ``data/raw`` before assigning images to splits, so fixing labels is a commit that DVC
+reruns and compares like any other change. Nothing here edits the data itself."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from .project import DataError
+
+ACTIONS = ("exclude", "relabel")
+COLUMNS = ["path", "action", "label"]
+
+
+@dataclass(frozen=True)
+class Correction:
+    path: str  # as the image appears under data/raw: <class>/<file>
+    action: str  # exclude | relabel
+    label: str  # the new class (relabel), empty for exclude
+    row: int  # line number in the file, for messages
+
+
+def read_corrections(path: Path) -> list[Correction]:
+    """Parse the corrections file; a DataError naming the file and row for anything malformed.
+    Whether the images and classes exist is checked by :func:`apply_corrections`."""
+    if not path.is_file():
+        raise DataError(f"corrections file not found: {path} (split.corrections; an empty file needs only "
+                        f"the header {','.join(COLUMNS)})")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or [f.strip() for f in reader.fieldnames] != COLUMNS:
+            raise DataError(f"{path}: the header must be {','.join(COLUMNS)}, got {','.join(reader.fieldnames or [])}")
+        out, seen = [], {}
+        for row in reader:
+            line = reader.line_num
+            where = f"{path}, line {line}"
+            if None in row or any(row[c] is None for c in COLUMNS):
+                raise DataError(f"{where}: expected 3 columns ({','.join(COLUMNS)})")
+            item = Correction(row["path"].strip(), row["action"].strip().lower(), row["label"].strip(), line)
+            if item.action not in ACTIONS:
+                raise DataError(f"{where}: unknown action {item.action!r}; use one of: {', '.join(ACTIONS)}")
+            if item.action == "relabel" and not item.label:
+                raise DataError(f"{where}: relabel needs the new class in the label column")
+            if item.path in seen:
+                raise DataError(f"{where}: {item.path} is corrected twice (also on line {seen[item.path]})")
+            seen[item.path] = line
+            out.append(item)
+    return out
+
+
+def apply_corrections(classes: dict[str, list[Path]], corrections: list[Correction], raw_dir: Path,
+                      source: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """``classes`` (class -> image files under ``raw_dir``) with images excluded or moved to their
+    new class; and the counts. A row naming an image that is not there, or an unknown class, stops
+    with a DataError naming ``source`` and the row."""
+    out = {label: list(files) for label, files in classes.items()}
+    where_is = {f"{label}/{file.name}": label for label, files in classes.items() for file in files}
+    counts = {"excluded": 0, "relabelled": 0}
+    for item in corrections:
+        where = f"{source}, line {item.row}"
+        label = where_is.get(item.path)
+        if label is None:
+            raise DataError(f"{where}: no image {item.path} under {raw_dir} (paths are <class>/<file> as in "
+                            "data/raw and reports/audit/label_issues.csv)")
+        file = raw_dir / item.path
+        out[label].remove(file)
+        if item.action == "exclude":
+            counts["excluded"] += 1
+            continue
+        if item.label not in out:
+            raise DataError(f"{where}: unknown class {item.label!r}; classes: {', '.join(sorted(out))}")
+        out[item.label].append(file)
+        counts["relabelled"] += 1
+    empty = sorted(label for label, files in out.items() if not files)
+    if empty:
+        raise DataError(f"{source}: the corrections leave no images in class(es) {', '.join(empty)}")
+    return {label: sorted(files) for label, files in out.items()}, counts

@@ -1,0 +1,52 @@
+"""DVC stage `audit`: every image of every split scored for how likely its label is wrong,
+from the frozen backbone's features (the cached activations; the test images through the
+backbone once) -> reports/audit/, plots/audit/suspects.png, metrics/suspects.json.
+The audit only reports: fixes go into the corrections file, which the split stage applies."""
+import numpy as np
+
+from imgclf import figures, tracking
+from imgclf.activations import open_activations, pooled_features
+from imgclf.audit import LABEL_ISSUE_COLUMNS, AuditSet, audit
+from imgclf.params import load_params
+from imgclf.project import Layout, project_root, run_stage, write_csv, write_json
+from imgclf.split import SPLITS, raw_sources
+from imgclf.store import open_split
+
+
+def main() -> None:
+    layout = Layout(project_root())
+    params = load_params(layout.params_file)
+    with tracking.stage_run("audit", params, layout.root) as run, layout.scratch() as workdir:
+        size = params.model.image_size
+        activations = open_activations(layout.activations, params.model.backbone, size)
+        test = open_split(layout.store("transfer"), "test", size)
+        features = pooled_features(activations, workdir, test, params.model.backbone)
+        raw = raw_sources(layout.split, layout.root)
+        sets = [AuditSet(split, features[split].read(np.arange(len(features[split]))), features[split].labels,
+                         [raw[p] for p in features[split].paths]) for split in SPLITS]
+        report = audit(sets, test.class_names, params.audit, params.seed)
+
+        reports, plots = layout.reports("audit"), layout.plots("audit")
+        write_csv(reports / "label_issues.csv", report.label_issues, LABEL_ISSUE_COLUMNS)
+        write_csv(reports / "outliers.csv", report.outliers, ["path", "split", "label", "score"])
+        write_csv(reports / "cross_split_copies.csv", report.copies,
+                  ["path_a", "split_a", "path_b", "split_b", "similarity"])
+        write_json(layout.summary("audit"), report.summary)
+        write_json(layout.root / "metrics" / "suspects.json", {"suspects": report.summary["suspects"]})
+        shown = report.label_issues[:params.audit.gallery_size]
+        figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.3f}")
+                            for r in shown], plots / "suspects.png",
+                           title=report.summary.get("skipped") or "Most suspicious labels: given -> suggested (score)")
+        run.log_metrics({"suspects": report.summary["suspects"],
+                         "cross_split_copies": len(report.copies)})
+        run.log_artifacts(reports)
+        run.log_artifacts(plots)
+    if "skipped" in report.summary:
+        print(f"audit: no label audit: {report.summary['skipped']} (empty report)")
+    else:
+        print(f"audit: {report.summary['suspects']} suspect labels of {report.summary['images']} images, "
+              f"{len(report.copies)} copies across splits; see {reports / 'label_issues.csv'}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

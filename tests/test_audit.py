@@ -1,0 +1,124 @@
+"""The data audit (labels that look wrong, copies across splits) and the corrections file that
+the split stage applies."""
+import csv
+
+import numpy as np
+import pytest
+
+from imgclf.audit import AuditSet, audit, cross_split_copies
+from imgclf.corrections import apply_corrections, read_corrections
+from imgclf.params import AuditParams
+from imgclf.project import DataError
+from imgclf.split import list_class_images
+from conftest import make_folder
+
+CLASSES = ["daisy", "roses", "tulips"]
+PARAMS = AuditParams(folds=5, gallery_size=8, copy_similarity=0.99)
+
+
+def clustered_sets(per_class: dict[str, int], flips: dict[str, list[int]], seed: int = 0) -> list[AuditSet]:
+    """Features in one well-separated cluster per class (as a backbone gives photos of different
+    flowers), with the labels of the images listed in ``flips`` moved to the next class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (len(CLASSES), 64)) * 3
+    sets = []
+    for split, count in per_class.items():
+        labels = np.repeat(np.arange(len(CLASSES)), count)
+        features = centres[labels] + rng.normal(0, 1, (len(labels), 64))
+        given = labels.copy()
+        for i in flips.get(split, []):
+            given[i] = (labels[i] + 1) % len(CLASSES)
+        paths = [f"{CLASSES[label]}/{split}_{i}.jpg" for i, label in enumerate(given)]
+        sets.append(AuditSet(split, features.astype(np.float32), given, paths))
+    return sets
+
+
+def test_flipped_labels_rank_first_in_every_split():
+    flips = {"train": [0, 45, 90, 130], "val": [3, 22], "test": [5, 31]}
+    sets = clustered_sets({"train": 60, "val": 15, "test": 15}, flips)
+    report = audit(sets, CLASSES, PARAMS, seed=1)
+    flipped = {sets[i].paths[j] for i, s in enumerate(sets) for j in flips[s.split]}
+    top = [row["path"] for row in report.label_issues[:len(flipped)]]
+    assert set(top) == flipped
+    assert len(report.label_issues) == sum(len(s.labels) for s in sets)
+    scores = [row["score"] for row in report.label_issues]
+    assert scores == sorted(scores) and 0 <= scores[0] < scores[-1] <= 1
+    first = report.label_issues[0]
+    assert first["suggested"] != first["given"]
+    flagged = {row["path"] for row in report.label_issues if row["issue"]}
+    assert flagged <= flipped and len(flagged) >= 0.75 * len(flipped)  # cleanlab flags conservatively
+    assert report.summary["suspects"] == len(flagged)
+    assert report.summary["per_split"]["test"]["images"] == 45
+
+
+def test_probabilities_are_out_of_sample():
+    """A memorising model would score its own training labels as right: an image whose label
+    is flipped must score low: the model that judged it never saw it."""
+    flips = {"train": [7]}
+    sets = clustered_sets({"train": 30, "val": 10, "test": 10}, flips, seed=3)
+    rows = {row["path"]: row for row in audit(sets, CLASSES, PARAMS, seed=0).label_issues}
+    assert rows[sets[0].paths[7]]["score"] < 0.2
+
+
+def test_copies_in_different_splits_are_reported_and_copies_within_a_split_are_not():
+    sets = clustered_sets({"train": 10, "val": 5, "test": 5}, {})
+    sets[1].features[2] = sets[0].features[4] * 1.01  # a val image copying a train image
+    sets[0].features[6] = sets[0].features[7]  # two train images alike: not a leak
+    copies = cross_split_copies(sets, 0.99)
+    assert [(c["path_a"], c["split_a"], c["path_b"], c["split_b"]) for c in copies] == [
+        (sets[0].paths[4], "train", sets[1].paths[2], "val")]
+
+
+@pytest.mark.parametrize("per_class,reason", [
+    ({"train": 1, "val": 1, "test": 2}, "fewer train+val images than audit.folds=5"),
+])
+def test_too_few_images_give_an_empty_report_with_the_reason(per_class, reason):
+    report = audit(clustered_sets(per_class, {}), CLASSES, PARAMS, seed=0)
+    assert report.label_issues == [] and report.summary["suspects"] == 0
+    assert reason in report.summary["skipped"]
+
+
+def test_one_class_gives_an_empty_report():
+    sets = [AuditSet("train", np.zeros((6, 4), np.float32), np.zeros(6, int), [f"a/{i}.jpg" for i in range(6)])]
+    report = audit(sets, ["a"], PARAMS, seed=0)
+    assert report.label_issues == [] and "one class only" in report.summary["skipped"]
+
+
+def write_corrections(path, rows):
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "action", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_corrections_exclude_and_relabel(tmp_path):
+    raw = make_folder(tmp_path / "raw", classes=3, per_class=4)
+    file = write_corrections(tmp_path / "corrections.csv", [["class_0/img_001.jpg", "exclude", ""],
+                                                             ["class_1/img_002.jpg", "relabel", "class_2"]])
+    classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
+    assert counts == {"excluded": 1, "relabelled": 1}
+    assert raw / "class_0/img_001.jpg" not in classes["class_0"] and len(classes["class_0"]) == 3
+    assert raw / "class_1/img_002.jpg" in classes["class_2"] and len(classes["class_2"]) == 5
+    assert len(classes["class_1"]) == 3
+
+
+@pytest.mark.parametrize("row,message", [
+    (["class_0/nope.jpg", "exclude", ""], "line 2: no image class_0/nope.jpg under"),
+    (["class_0/img_001.jpg", "relabel", "class_9"], "line 2: unknown class 'class_9'"),
+    (["class_0/img_001.jpg", "delete", ""], "line 2: unknown action 'delete'; use one of: exclude, relabel"),
+    (["class_0/img_001.jpg", "relabel", ""], "line 2: relabel needs the new class"),
+])
+def test_a_bad_row_stops_with_one_line_naming_it(tmp_path, row, message):
+    raw = make_folder(tmp_path / "raw", classes=2, per_class=3)
+    file = write_corrections(tmp_path / "corrections.csv", [row])
+    with pytest.raises(DataError, match=message) as err:
+        apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
+    assert str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_without_the_header_is_refused(tmp_path):
+    file = tmp_path / "corrections.csv"
+    file.write_text("class_0/img_001.jpg,exclude,\n")
+    with pytest.raises(DataError, match="the header must be path,action,label"):
+        read_corrections(file)
