@@ -32,8 +32,9 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = [("download", []), ("split", []), ("store", ["baseline"]), ("store", ["transfer"]), ("baseline", []),
-          ("activations", []), ("head", []), ("finetune", []), ("evaluate", []), ("gradcam", []), ("export", [])]
+STAGES = [("weights", []), ("download", []), ("split", []), ("store", ["baseline"]), ("store", ["transfer"]),
+          ("baseline", []), ("activations", []), ("head", []), ("finetune", []), ("evaluate", []), ("audit", []),
+          ("gradcam", []), ("export", [])]
 
 
 def tf_flowers() -> tuple[list[bytes], list[int], list[str]]:
@@ -88,6 +89,7 @@ def make_project(dest: Path, dataset: Path) -> Path:
     dest.mkdir(parents=True)
     for name in ("imgclf", "stages"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "corrections.csv", dest / "corrections.csv")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="folder", path=str(dataset))
     params["model"].update(backbone="mobilenetv2", weights="imagenet", image_size=224)

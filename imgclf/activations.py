@@ -13,7 +13,7 @@ from . import distributed, models
 from .datasets import Examples, batches
 from .inference import inference_batch_size
 from .params import FinetuneParams, ModelParams
-from .project import DataError
+from .errors import DataError
 from .store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
 
 

@@ -7,7 +7,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from .project import DataError
+from .errors import DataError
 
 ACTIONS = ("exclude", "relabel")
 COLUMNS = ["path", "action", "label"]

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .images import is_image_path
-from .project import DataError
+from .errors import DataError
 
 
 class Examples(Protocol):

@@ -23,10 +23,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import StageError
+
 COLLECTIVE_TIMEOUT_S = 60  # an all-reduce waiting longer than this means a worker is gone
 
 
-class DistributedError(RuntimeError):
+class DistributedError(StageError, RuntimeError):
     """TF_CONFIG is malformed, or a worker of the cluster was lost."""
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .images import NEAR_DUPLICATES_FILE, BadImageError, inspect_bytes, near_duplicate_groups, normalized_bytes
-from .project import DataError
+from .errors import DataError
 from .sources import SourceImage
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from .progress import Progress
-from .project import DataError
+from .errors import DataError
 
 T = TypeVar("T")
 RETRY_DELAYS = (1.0, 3.0)  # seconds before the 2nd and 3rd attempt

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import StageError
+
 BACKBONES = ("efficientnetb0", "mobilenetv2", "resnet50")
 SOURCES = ("tfds", "folder", "url")
 WEIGHTS = ("imagenet", "none")
@@ -23,7 +25,7 @@ LR_SCHEDULES = ("cosine", "constant")
 MODEL_NAMES = ("baseline", "head", "finetune")
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """A value in params.yaml is missing, of the wrong type or not allowed."""
 
     def __init__(self, key: str, message: str):

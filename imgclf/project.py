@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import StageError
 
 
 def project_root() -> Path:
@@ -98,20 +101,11 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     os.replace(tmp, path)
 
 
-class DataError(ValueError):
-    """Input data cannot be used (empty class, no images, bad archive...)."""
-
-
 def run_stage(main) -> None:
-    """Run a stage's main(); input errors end it with one clear line and exit status 1."""
-    import sys
-
-    from .distributed import DistributedError
-    from .params import ParamsError
-    from .tracking import TrackingError
-
+    """Run a stage's main(); an expected failure (:class:`StageError`, or a missing input file)
+    ends it with one clear line and exit status 1."""
     try:
         main()
-    except (ParamsError, DataError, FileNotFoundError, TrackingError, DistributedError) as err:
+    except (StageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

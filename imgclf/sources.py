@@ -11,7 +11,7 @@ from typing import Iterator
 
 from .network import NetworkError, cached_download, check_reachable, sha256_file, short_reason, transient
 from .params import DataParams, ParamsError
-from .project import DataError
+from .errors import DataError
 
 
 @dataclass(frozen=True)

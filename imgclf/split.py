@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .images import NEAR_DUPLICATES_FILE, is_image_path
 from .params import SplitParams
-from .project import DataError
+from .errors import DataError
 
 SPLITS = ("train", "val", "test")
 

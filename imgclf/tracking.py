@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import StageError
 from .params import Params
 
 PIPELINE_KEY_TAG = "imgclf.pipeline_key"
@@ -26,7 +27,7 @@ TRAINING_KIND = "custom_model_development"
 SYSTEM_METRICS_INTERVAL_S = 5.0
 
 
-class TrackingError(RuntimeError):
+class TrackingError(StageError, RuntimeError):
     pass
 
 

@@ -21,7 +21,7 @@ from .activations import Activations, compute_outputs
 from .augment import augmentation
 from .datasets import Examples, batches
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
-from .project import DataError
+from .errors import DataError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """DVC stage `finetune`: unfreeze the top of the backbone -> models/finetune.keras."""
 import dataclasses
 
-from imgclf import calibration, tracking, training
+from imgclf import calibration, distributed, tracking, training
 from imgclf.activations import open_activations
 from imgclf.modelio import load_model
 from imgclf.outputs import save_training_outputs
@@ -15,7 +15,7 @@ def main() -> None:
     params = load_params(layout.params_file)
     training.configure(params.seed, params.train)
     with tracking.stage_run("finetune", params, layout.root) as run, layout.scratch() as workdir:
-        with training.strategy().scope():
+        with distributed.strategy().scope():
             model, head_info = load_model(layout.model("head"))
         calibration.fold_temperature(model, 1 / head_info.temperature)  # fine-tune the head's own logits
         # backbone, classes and input size come from the head model, not from params

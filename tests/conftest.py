@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "tests" / "programs"
-PROJECT_FILES = ["imgclf", "stages", "params.yaml", "dvc.yaml", "inputs", ".gitignore", ".dvcignore"]
+PROJECT_FILES = ["imgclf", "stages", "params.yaml", "dvc.yaml", "corrections.csv", "inputs", ".gitignore", ".dvcignore"]
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 200, 40), (200, 40, 200)]
 
 

@@ -8,7 +8,7 @@ import pytest
 from imgclf.audit import AuditSet, audit, cross_split_copies
 from imgclf.corrections import apply_corrections, read_corrections
 from imgclf.params import AuditParams
-from imgclf.project import DataError
+from imgclf.errors import DataError
 from imgclf.split import list_class_images
 from conftest import make_folder
 

@@ -1,6 +1,7 @@
 """The whole pipeline, tiny, in a throw-away git + DVC repo: repro, metrics, plots, predict,
 experiments tracked in MLflow, and the push / clone / pull round trip. The tests share one
 project and run in file order."""
+import csv
 import json
 import re
 import sys
@@ -55,14 +56,23 @@ def test_repro_writes_every_metric_model_and_plot(project):
     assert "Best model on the test split" in (project / "reports/evaluate/comparison.md").read_text()
     assert (project / "models/export/saved_model/saved_model.pb").exists()
     assert json.loads((project / "reports/export/summary.json").read_text())["tflite_float32"]["top1_agreement"] >= 0.9
-    assert sum(json.loads((project / "reports/split/summary.json").read_text())[s]["total"]
-               for s in ("train", "val", "test")) == 3 * 14
+    split = json.loads((project / "reports/split/summary.json").read_text())
+    assert sum(split[s]["total"] for s in ("train", "val", "test")) == 3 * 14
+    # the audit scores every image of every split, by its path under data/raw
+    with (project / "reports/audit/label_issues.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "split", "given", "suggested", "score"] and len(rows) == 3 * 14
+    assert all((project / "data/raw" / row["path"]).is_file() for row in rows)
+    assert [float(r["score"]) for r in rows] == sorted(float(r["score"]) for r in rows)
+    suspects = json.loads((project / "metrics/suspects.json").read_text())["suspects"]
+    assert suspects == json.loads((project / "reports/audit/summary.json").read_text())["suspects"]
+    assert (project / "plots/audit/suspects.png").stat().st_size > 5_000
 
 
 def test_dvc_metrics_and_plots_show(project, tmp_path):
     shown = dvc(project, "metrics", "show", "--json").stdout
     workspace = next(iter(json.loads(shown).values()))  # keyed "" or "workspace" by DVC version
-    assert list(workspace["data"]) == ["metrics/evaluate.json"]
+    assert list(workspace["data"]) == ["metrics/evaluate.json", "metrics/suspects.json"]
     assert set(workspace["data"]["metrics/evaluate.json"]["data"]["fine"]) == {"acc", "f1"}
     out = tmp_path / "plots"
     dvc(project, "plots", "show", "--json", "-o", str(out))
@@ -167,9 +177,10 @@ def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
         shown = [float(x) for x in re.findall(r"(?<![\d:.])[01](?:\.\d+)?(?![\d:.])", row.split("]", 1)[1])][:6]
         expected = [revs[name][model][key] for model in ("base", "head", "fine") for key in ("acc", "f1")]
         assert shown == pytest.approx(expected, abs=1e-5), row
-    # `dvc metrics diff --all` lists the headline numbers and nothing else
+    # `dvc metrics diff --all` lists the headline numbers and the audit's count of suspect labels
     diff = json.loads(dvc(project, "metrics", "diff", "finetune-2-epochs", "efficientnetb0-run", "--all", "--json").stdout)
-    assert list(diff) == ["metrics/evaluate.json"] and sorted(diff["metrics/evaluate.json"]) == sorted(headline)
+    assert sorted(diff) == ["metrics/evaluate.json", "metrics/suspects.json"]
+    assert sorted(diff["metrics/evaluate.json"]) == sorted(headline) and list(diff["metrics/suspects.json"]) == ["suspects"]
 
     runs = mlflow_runs(project)
     by_exp = {}

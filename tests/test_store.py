@@ -12,7 +12,7 @@ from imgclf import store, training
 from imgclf.datasets import ImageSet, batches, list_subset
 from imgclf.images import decode_rgb
 from imgclf.params import params_from_dict
-from imgclf.project import DataError
+from imgclf.errors import DataError
 from conftest import make_folder, run_program, tiny_params
 
 
