@@ -139,7 +139,7 @@ def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert {r.data.tags["stage"] for r in children} == {
         "weights", "download", "split", "store@baseline", "store@transfer", "baseline", "activations", "head", "finetune",
-        "evaluate", "gradcam", "export"}
+        "evaluate", "audit", "gradcam", "export"}
     head = next(r for r in children if r.data.tags["stage"] == "head")
     assert head.data.params["model.backbone"] == "mobilenetv2"
     assert head.data.tags["git_commit"] != "unknown"

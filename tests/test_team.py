@@ -107,8 +107,8 @@ def test_experiment_logs_to_the_server_and_outputs_round_trip_through_s3(trackin
     experiment = client.get_experiment_by_name("image-classification")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     stages = {r.data.tags.get("stage"): r for r in runs if r.data.tags.get("stage")}
-    assert set(stages) == {"download", "split", "store@baseline", "store@transfer", "baseline", "activations", "head",
-                           "finetune", "evaluate", "gradcam", "export"}
+    assert set(stages) == {"weights", "download", "split", "store@baseline", "store@transfer", "baseline",
+                           "activations", "head", "finetune", "evaluate", "audit", "gradcam", "export"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert stages["finetune"].data.metrics["val_accuracy"] >= 0 and "temperature" in stages["head"].data.metrics
     parent = next(r for r in runs if r.data.tags.get("imgclf.run_kind") == "pipeline")
