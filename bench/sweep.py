@@ -92,7 +92,7 @@ def main() -> None:
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
-                                         params.seed, acts, work)
+                                         params.seed, acts if params.finetune.cache_activations else None, work)
         row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
                "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),

@@ -6,9 +6,10 @@ gradients are summed across all of them, so their weights stay equal. Only the c
 ``chief``, or ``worker`` 0 when the cluster has no chief) writes models, reports and MLflow runs.
 
 Keras 3's ``model.fit`` does not run under this strategy (keras-team/keras#20585), so training
-there goes through :func:`fit`, a small loop with the semantics of :func:`imgclf.training.fit`:
-early stopping on ``val_loss``, the best epoch's weights restored, ReduceLROnPlateau, the same
-history. Decisions are taken on numbers all-reduced across workers, so workers never diverge.
+there goes through :func:`fit`, a small loop that applies the same training rules as Keras' fit
+(:mod:`imgclf.rules`: the best epoch kept, early stopping, the learning rate cut on a plateau) and
+logs the same history. Decisions are taken on numbers all-reduced across workers, so workers never
+diverge.
 A worker that dies makes the others fail within :data:`COLLECTIVE_TIMEOUT_S` with one line,
 instead of waiting forever.
 """
@@ -19,11 +20,13 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .errors import StageError
+from .params import TrainParams
+from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
 COLLECTIVE_TIMEOUT_S = 60  # an all-reduce waiting longer than this means a worker is gone
 
@@ -102,17 +105,18 @@ def lost_worker(err: Exception) -> DistributedError:
                             "every worker must run the same stage at the same time")
 
 
-def fit(strategy, model, train_set, val_set, batch_size: int, epochs: int, patience: int,
-        reduce_lr_patience: int, seed: int, augment, steps_per_epoch: int | None,
-        on_epoch: Callable[[int, dict], None] | None) -> dict[str, list[float]]:
-    """Train ``model`` (compiled, built in ``strategy``'s scope) across the cluster; returns the
-    per-epoch history. ``batch_size`` is the global batch: each of the workers' replicas takes
+def fit(strategy, model, train_set, val_set, train: TrainParams, rules: TrainingRules, *, seed: int, augment,
+        steps_per_epoch: int | None, on_epoch: EpochHook | None) -> dict[str, list[float]]:
+    """Train ``model`` (compiled, built in ``strategy``'s scope) across the cluster under the
+    training ``rules`` (:mod:`imgclf.rules`, as Keras' fit applies them); returns the per-epoch
+    history. ``train.batch_size`` is the global batch: each of the workers' replicas takes
     ``batch_size / replicas`` examples of every step from its own shard of the shuffled data."""
     import keras
     import tensorflow as tf
 
     from .datasets import batches
 
+    batch_size, smoothing = train.batch_size, train.label_smoothing
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
         raise DistributedError(f"train.batch_size {batch_size} must be a multiple of the {replicas} replicas")
@@ -124,7 +128,6 @@ def fit(strategy, model, train_set, val_set, batch_size: int, epochs: int, patie
                        shard=(context.num_input_pipelines, context.input_pipeline_id))
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset))
-    smoothing = float(model.loss.get_config().get("label_smoothing", 0.0))
     optimizer = model.optimizer
     with strategy.scope():
         optimizer.build(model.trainable_variables)
@@ -149,48 +152,38 @@ def fit(strategy, model, train_set, val_set, batch_size: int, epochs: int, patie
 
     predict = tf.function(lambda x: model(x, training=False))
     history: dict[str, list[float]] = {}
-    best_loss, best_weights, wait = math.inf, None, 0
-    plateau_best, plateau_wait = math.inf, 0
+    keeper, kept_weights = RuleKeeper(rules), None
     try:
-        for epoch in range(epochs):
+        for epoch in range(rules.epochs):
             started = time.perf_counter()
             totals = np.zeros(3)
             for _ in range(steps):
                 totals += train_step(iterator).numpy()
             # every worker validates the whole (small) split with the same weights; the mean
-            # across workers makes the early-stopping decision identical everywhere
+            # across workers makes the rules decide identically everywhere
             val = _evaluate(predict, batches(val_set, batch_size), smoothing)
             val_loss, val_accuracy = (float(v) for v in all_mean(tf.constant(val, tf.float32)).numpy())
+            rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
             logs = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "val_loss": val_loss,
-                    "val_accuracy": val_accuracy,
-                    "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate))}
-            for key, value in logs.items():
-                history.setdefault(key, []).append(float(value))
-            print(f"Epoch {epoch + 1}/{epochs} ({task_name()}): "
+                    "val_accuracy": val_accuracy, "learning_rate": rate}
+            record(history, logs)
+            print(f"Epoch {epoch + 1}/{rules.epochs} ({task_name()}): "
                   + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
                   + f" - {time.perf_counter() - started:.0f}s", flush=True)
             if on_epoch:
                 on_epoch(epoch, logs)
-            if val_loss < best_loss:  # the checkpoint keeps only improvements, as ModelCheckpoint
-                best_loss, best_weights, wait = val_loss, [v.numpy() for v in model.weights], 0
-            else:
-                wait += 1
-                if patience and wait >= patience:
-                    break
-            if reduce_lr_patience:  # ReduceLROnPlateau(factor=0.3, min_lr=1e-7, min_delta=1e-4)
-                if val_loss < plateau_best - 1e-4:
-                    plateau_best, plateau_wait = val_loss, 0
-                else:
-                    plateau_wait += 1
-                    rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-                    if plateau_wait >= reduce_lr_patience and rate > 1e-7:
-                        optimizer.learning_rate.assign(max(rate * 0.3, 1e-7))
-                        plateau_wait = 0
+            decision = keeper.end_epoch(epoch, val_loss, rate)
+            if decision.keep:
+                kept_weights = [v.numpy() for v in model.weights]
+            if decision.learning_rate is not None:
+                optimizer.learning_rate.assign(decision.learning_rate)
+            if decision.stop:
+                break
     except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.InternalError,
             tf.errors.CancelledError, tf.errors.AbortedError) as err:
         raise lost_worker(err) from None
-    if best_weights is not None:
-        for variable, value in zip(model.weights, best_weights):
+    if kept_weights is not None:
+        for variable, value in zip(model.weights, kept_weights):
             variable.assign(value)
     return history
 

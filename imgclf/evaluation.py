@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
+from .params import EvaluateParams
+
 
 @dataclass
 class Predictions:
@@ -208,3 +210,56 @@ def comparison_summary(rows: list[dict]) -> str:
         lines.append(f"Transfer learning beats the CNN trained from scratch by "
                      f"{100 * (best['test_accuracy'] - base['test_accuracy']):+.1f} accuracy points.")
     return "\n\n".join(lines) + "\n"
+
+
+def roc_curves(pred: Predictions) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """One-vs-rest ROC curve (false and true positive rates) and its area, per class that has
+    both positive and negative test images."""
+    curves = {}
+    for c, label in enumerate(pred.class_names):
+        positive = pred.labels == c
+        if positive.any() and (~positive).any():
+            fpr, tpr, _ = skm.roc_curve(positive, pred.probs[:, c])
+            curves[label] = (fpr, tpr, float(skm.auc(fpr, tpr)))
+    return curves
+
+
+@dataclass
+class Assessment:
+    """Everything evaluate reports for one model on the test split."""
+
+    pred: Predictions
+    paths: list[str]  # test image files, relative to the project
+    metrics: dict[str, float | None]
+    per_class: list[dict]
+    confusion: np.ndarray
+    roc: dict[str, tuple[np.ndarray, np.ndarray, float]]
+    reliability: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # caption -> bins
+    wrong: np.ndarray  # indices of the most confidently wrong images
+
+    def diagnostics(self, f1_threshold: float) -> dict:
+        names = self.pred.class_names
+        return {
+            "per_class": self.per_class,
+            "most_confused_pairs": most_confused_pairs(self.confusion, names),
+            "weak_classes": weak_classes(self.per_class, f1_threshold),
+            "most_confident_errors": [{"path": self.paths[i], "actual": names[self.pred.labels[i]],
+                                       "predicted": names[self.pred.predicted[i]],
+                                       "confidence": round(float(self.pred.confidence[i]), 4)} for i in self.wrong],
+        }
+
+
+def assess(pred: Predictions, uncalibrated_probs: np.ndarray, temperature: float, paths: list[str],
+           evaluate: EvaluateParams) -> Assessment:
+    """Metrics and diagnostics of served predictions ``pred`` (temperature-scaled) beside those
+    before scaling, on the test split."""
+    bins = evaluate.calibration_bins
+    metrics = summary_metrics(pred, bins)
+    metrics["ece_uncalibrated"] = expected_calibration_error(uncalibrated_probs, pred.labels, bins)
+    metrics["temperature"] = temperature
+    reliability = {
+        f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}": reliability_bins(uncalibrated_probs, pred.labels, bins),
+        f"served (T = {temperature:.3g}), ECE {metrics['ece']:.3f}": reliability_bins(pred.probs, pred.labels, bins),
+    }
+    return Assessment(pred, paths, metrics, per_class(pred), confusion(pred), roc_curves(pred), reliability,
+                      confidently_wrong(pred, evaluate.gallery_size))

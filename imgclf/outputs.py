@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed
+from .model_packaging import log_served_model
 from .modelio import ModelInfo, save_model
 from .project import Layout, write_json
 from .tracking import StageRun
@@ -54,6 +55,6 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     # names, they would add a stray point to those curves
     run.log_metrics({(f"kept_{k}" if k in result.history else k): v for k, v in summary.items()})
     run.log_artifacts(history_path)
-    run.log_model(model_path, stage, example, register_as)
+    log_served_model(run, model_path, stage, example, register_as)
     print(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return summary

@@ -55,7 +55,7 @@ def artifact_location(root: Path) -> str | None:
     return (main_project_root(root) / "mlruns").as_uri()
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_server(uri: str, timeout: float = 5.0) -> None:
     """Fail at the start of a stage, not after training, if a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -187,47 +187,6 @@ class StageRun:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model_path: Path, name: str, example, register_as: str = "") -> str | None:
-        """Log a saved .keras model as the MLflow model that `mlflow models serve` answers with
-        (imgclf/mlflow_model.py: image files in, class names and probabilities out), the .keras
-        file inside it, with a signature and an input example (the first of ``example``, images
-        as the model takes them, as a PNG file; the signature is written out, not inferred, as
-        inference would run the model here). With ``register_as``, also register it in the
-        Model Registry and tag the version with the DVC experiment and git commit. Returns the
-        registered version, if any."""
-        if not self.active:
-            return None
-        import shutil
-        import tempfile
-
-        import mlflow
-        from mlflow.types import ColSpec, Schema
-
-        from . import images, mlflow_model
-        from .modelio import read_metadata
-
-        class_names = read_metadata(model_path).class_names
-        signature = mlflow.models.ModelSignature(
-            inputs=Schema([ColSpec("string", mlflow_model.IMAGE_COLUMN)]),
-            outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN)]
-                           + [ColSpec("double", name) for name in class_names]))
-        photo = served_example(example)
-        with tempfile.TemporaryDirectory() as tmp:
-            decoder = Path(tmp) / "imgclf_images.py"  # the decoder, importable without imgclf
-            shutil.copyfile(images.__file__, decoder)
-            with _attached(self.client, self.run_id):
-                info = mlflow.pyfunc.log_model(
-                    name=name, python_model=mlflow_model.__file__, code_paths=[str(decoder)],
-                    artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
-                    signature=signature, input_example=photo,
-                    registered_model_name=register_as or None, pip_requirements=serving_requirements())
-        version = getattr(info, "registered_model_version", None)
-        if register_as and version is not None:
-            run = self.client.get_run(self.run_id)
-            for key in ("dvc_exp_name", "git_commit"):
-                self.client.set_model_version_tag(register_as, str(version), key, run.data.tags.get(key, ""))
-        return None if version is None else str(version)
-
     def log_split(self, root: Path, split_dir: Path, counts: dict[str, int], context: str) -> None:
         """The split this stage read, as an MLflow dataset input: named after the folder, its
         digest the DVC hash of ``data/split`` recorded in ``dvc.lock`` (so it leads back to the
@@ -245,40 +204,6 @@ class StageRun:
         if self.active:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
-
-
-def served_example(images) -> "Any":
-    """The first of ``images`` (uint8-range RGB) as the served model's input: a one-row frame
-    with the base64 text of a PNG file, stored with the model as its input example."""
-    import base64
-    import io
-
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-
-    from .mlflow_model import IMAGE_COLUMN
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.asarray(images[0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
-    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
-
-
-def serving_requirements() -> list[str]:
-    """What the served model imports, pinned to the versions that trained it."""
-    from importlib.metadata import version
-
-    return [f"{package}=={version(package)}" for package in
-            ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")]
-
-
-@contextlib.contextmanager
-def _attached(client: Any, run_id: str) -> Iterator[None]:
-    import mlflow
-
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        yield
 
 
 def _find_or_create_parent(client: Any, experiment_id: str, key: str, name: str, tags: dict) -> str:
@@ -330,7 +255,7 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(root)
-    check_reachable(uri)
+    check_server(uri)
     with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)  # creates and migrates a new store
         experiment = client.get_experiment_by_name(params.mlflow.experiment)

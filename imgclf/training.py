@@ -7,11 +7,9 @@ batches from disk, so memory does not grow with the data.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import keras
 import numpy as np
@@ -21,6 +19,7 @@ from .activations import Activations, compute_outputs
 from .augment import augmentation
 from .datasets import Examples, batches
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
+from .rules import EpochHook, RuleKeeper, TrainingRules, record
 from .errors import DataError
 
 
@@ -29,9 +28,9 @@ class TrainResult:
     model: keras.Model  # the full image model
     history: dict[str, list[float]]
     seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
-    trained: keras.Model | None = None  # the model that trained, on its own inputs (None: ``model``)
-    val_inputs: Examples | None = None  # validation examples as ``trained`` takes them
+    numbers: dict[str, float] = field(default_factory=dict)  # what the phase measured besides its history
+    fitted_model: keras.Model | None = None  # the model that trained, on its own inputs (None: ``model``)
+    fitted_val_set: Examples | None = None  # validation examples as ``fitted_model`` takes them
 
     @property
     def epochs_run(self) -> int:
@@ -49,7 +48,7 @@ class TrainResult:
                 out[f"train_{name}"] = round(h[name][kept], 6)
                 out[f"val_{name}"] = round(h[f"val_{name}"][kept], 6)
         out.update(models.count_params(self.model))
-        out.update(self.extra)
+        out.update(self.numbers)
         return out
 
 
@@ -65,59 +64,67 @@ def configure(seed: int, train: TrainParams) -> None:
     keras.mixed_precision.set_global_policy(policy)
 
 
-EpochHook = Callable[[int, dict[str, float]], None]  # (0-based epoch, that epoch's logs)
+class RulesCallback(keras.callbacks.Callback):
+    """The rules inside Keras' ``fit``: records each epoch's logs with the learning rate it used,
+    passes them to ``on_epoch`` (MLflow shows the curves while the stage trains), keeps the best
+    weights in memory, stops early, cuts the learning rate, and restores the kept weights at the end."""
 
-
-class _Recorder(keras.callbacks.Callback):
-    """Per-epoch logs plus the learning rate actually used, passed on to ``on_epoch`` as each
-    epoch ends (MLflow shows the curves while the stage trains)."""
-
-    def __init__(self, on_epoch: EpochHook | None = None):
+    def __init__(self, rules: TrainingRules, on_epoch: EpochHook | None = None):
         super().__init__()
-        self.history: dict[str, list[float]] = {}
+        self.keeper = RuleKeeper(rules)
         self.on_epoch = on_epoch
+        self.history: dict[str, list[float]] = {}
+        self.kept_weights = None
 
     def on_epoch_end(self, epoch, logs=None):
+        rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs = {key: float(value) for key, value in (logs or {}).items()}
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(value)
+        logs["learning_rate"] = rate
+        record(self.history, logs)
         if self.on_epoch:
             self.on_epoch(epoch, logs)
+        decision = self.keeper.end_epoch(epoch, logs["val_loss"], rate)
+        if decision.keep:
+            self.kept_weights = self.model.get_weights()
+        if decision.learning_rate is not None:
+            self.model.optimizer.learning_rate.assign(decision.learning_rate)
+        if decision.stop:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.kept_weights is not None:
+            self.model.set_weights(self.kept_weights)
 
 
-def fit(model: keras.Model, train_set: Examples, val_set: Examples, batch_size: int, epochs: int, patience: int,
-        reduce_lr_patience: int = 0, seed: int = 0, augment=None, steps_per_epoch: int | None = None,
+def fit(model: keras.Model, train_set: Examples, val_set: Examples, train: TrainParams, rules: TrainingRules,
+        seed: int, augment=None, steps_per_epoch: int | None = None,
         on_epoch: EpochHook | None = None) -> tuple[dict[str, list[float]], float]:
-    """Fit on shuffled (and augmented, if asked) batches of ``train_set`` with early stopping on
-    val_loss and keep the best epoch's weights. ``steps_per_epoch``: an epoch of that many
-    batches from an endless reshuffled stream (several cached views per image). Under
-    ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
+    """Fit on shuffled (and augmented, if asked) batches of ``train_set`` under the training
+    ``rules`` (the best epoch's weights kept, early stopping, learning rate cut on a plateau).
+    ``steps_per_epoch``: an epoch of that many batches from an endless reshuffled stream (several
+    cached views per image). Under ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
     started = time.perf_counter()
     multi_worker = distributed.multi_worker_strategy()
     if multi_worker is not None:
-        history = distributed.fit(multi_worker, model, train_set, val_set, batch_size, epochs, patience,
-                                  reduce_lr_patience, seed, augment, steps_per_epoch, on_epoch)
+        history = distributed.fit(multi_worker, model, train_set, val_set, train, rules, seed=seed, augment=augment,
+                                  steps_per_epoch=steps_per_epoch, on_epoch=on_epoch)
         return history, time.perf_counter() - started
-    train_ds = batches(train_set, batch_size, shuffle=True, seed=seed, augment=augment,
+    train_ds = batches(train_set, train.batch_size, shuffle=True, seed=seed, augment=augment,
                        repeat=steps_per_epoch is not None)
-    val_ds = batches(val_set, batch_size)
-    recorder = _Recorder(on_epoch)
-    with tempfile.TemporaryDirectory() as tmp:
-        best = Path(tmp) / "best.weights.h5"
-        callbacks = [recorder, keras.callbacks.ModelCheckpoint(
-            best, monitor="val_loss", save_best_only=True, save_weights_only=True)]
-        if patience:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience))
-        if reduce_lr_patience:
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=0.3, patience=reduce_lr_patience, min_lr=1e-7))
-        if epochs:
-            model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, verbose=2, shuffle=False,
-                      steps_per_epoch=steps_per_epoch)
-        if best.exists():
-            model.load_weights(best)
-    return recorder.history, time.perf_counter() - started
+    val_ds = batches(val_set, train.batch_size)
+    callback = RulesCallback(rules, on_epoch)
+    if rules.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=rules.epochs, callbacks=[callback], verbose=2,
+                  shuffle=False, steps_per_epoch=steps_per_epoch)
+    return callback.history, time.perf_counter() - started
+
+
+def head_rules(head: HeadParams) -> TrainingRules:
+    return TrainingRules(head.epochs, head.patience, reduce_lr_patience=0)
+
+
+def finetune_rules(finetune: FinetuneParams) -> TrainingRules:
+    return TrainingRules(finetune.epochs, finetune.patience, finetune.reduce_lr_patience)
 
 
 def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
@@ -141,9 +148,9 @@ def train_baseline(train_set: Examples, val_set: Examples, baseline: BaselinePar
     with distributed.strategy().scope():
         model = models.build_baseline(baseline, n, synchronized_bn=distributed.multi_worker_strategy() is not None)
         _compile(model, learning_rate, train.label_smoothing)
-    history, seconds = fit(model, train_set, val_set, batch, baseline.epochs, baseline.patience, seed=seed,
-                           augment=augmentation(augment, seed), on_epoch=on_epoch)
-    return TrainResult(model, history, seconds, val_inputs=val_set)
+    history, seconds = fit(model, train_set, val_set, train, TrainingRules(baseline.epochs, baseline.patience, 0),
+                           seed, augment=augmentation(augment, seed), on_epoch=on_epoch)
+    return TrainResult(model, history, seconds, fitted_val_set=val_set)
 
 
 def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, model_config: ModelParams,
@@ -151,14 +158,13 @@ def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, mo
                on_epoch: EpochHook | None = None) -> TrainResult:
     """Phase 1 on images: the frozen ``backbone`` runs every step (``head.augment``, or
     ``cache_features: false``), with on-the-fly augmentation when ``head.augment``."""
-    n, batch = len(train_set.class_names), train.batch_size
+    n = len(train_set.class_names)
     with distributed.strategy().scope():
         model = models.build_transfer_model(model_config, n, backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
     aug = augmentation(augment, seed) if head.augment else None
-    history, seconds = fit(model, train_set, val_set, batch, head.epochs, head.patience, seed=seed, augment=aug,
-                           on_epoch=on_epoch)
-    return TrainResult(model, history, seconds, {"cached_features": 0}, val_inputs=val_set)
+    history, seconds = fit(model, train_set, val_set, train, head_rules(head), seed, augment=aug, on_epoch=on_epoch)
+    return TrainResult(model, history, seconds, {"cached_features": 0}, fitted_val_set=val_set)
 
 
 def train_head_on_activations(activations: Activations, model_config: ModelParams, head: HeadParams,
@@ -167,7 +173,7 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
     """Phase 1 from the cached activations: the frozen top runs once per image into pooled
     features (on disk in ``workdir``), the head trains on them, and its weights are copied
     into the full image model, so both paths give the same kind of model."""
-    n, batch = len(activations.train.class_names), train.batch_size
+    n = len(activations.train.class_names)
     with distributed.strategy().scope():
         model = models.build_transfer_model(model_config, n, activations.backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
@@ -180,12 +186,12 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
     with distributed.strategy().scope():
         head_model = models.build_head_model(train_features.record_shape[0], model_config, n)
         _compile(head_model, head.learning_rate, train.label_smoothing)
-    history, fit_seconds = fit(head_model, train_features, val_features, batch, head.epochs, head.patience,
-                               seed=seed, on_epoch=on_epoch)
+    history, fit_seconds = fit(head_model, train_features, val_features, train, head_rules(head), seed,
+                               on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
                        {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)},
-                       trained=head_model, val_inputs=val_features)
+                       fitted_model=head_model, fitted_val_set=val_features)
 
 
 class _Views:
@@ -216,28 +222,28 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
                    on_epoch: EpochHook | None = None) -> TrainResult:
     """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate.
 
-    With ``finetune.cache_activations`` only the unfrozen top and the head train, on the
-    cached ``activations`` of the frozen bottom, each epoch on one view of every image: the
-    original, or one of ``cached_views - 1`` augmented copies (computed here, into
-    ``workdir``). Without it, the whole model runs every step with fresh augmentation on
-    ``train_set``/``val_set`` (images).
+    Given the cached ``activations`` of the frozen bottom (the stage passes them when
+    ``finetune.cache_activations`` is on), only the unfrozen top and the head train, on them, each
+    epoch on one view of every image: the original, or one of ``cached_views - 1`` augmented
+    copies (computed here, into ``workdir``). Without them, the whole model runs every step with
+    fresh augmentation on ``train_set``/``val_set`` (images).
     """
     batch = train.batch_size
     bottom, top, first = models.split_backbone(models.find_backbone(model), finetune.unfreeze_layers)
     trainable_layers = models.unfreeze_from(model, first)
-    extra = {"unfrozen_layers_with_weights": trainable_layers,
-             "unfrozen_from_layer": first, "cached_activations": int(finetune.cache_activations)}
+    numbers = {"unfrozen_layers_with_weights": trainable_layers,
+               "unfrozen_from_layer": first, "cached_activations": int(activations is not None)}
     aug = augmentation(augment, seed)
-    if not finetune.cache_activations:
+    if activations is None:
         _compile(model, finetune.learning_rate, train.label_smoothing)  # recompile after trainable changes
-        history, seconds = fit(model, train_set, val_set, batch, finetune.epochs, finetune.patience,
-                               finetune.reduce_lr_patience, seed=seed, augment=aug, on_epoch=on_epoch)
-        return TrainResult(model, history, seconds, extra, val_inputs=val_set)
+        history, seconds = fit(model, train_set, val_set, train, finetune_rules(finetune), seed, augment=aug,
+                               on_epoch=on_epoch)
+        return TrainResult(model, history, seconds, numbers, fitted_val_set=val_set)
 
-    if activations is None or activations.cut != first:
-        have = "none" if activations is None else f"cut at layer {activations.cut}"
+    if activations.cut != first:
         raise DataError(f"finetune.unfreeze_layers={finetune.unfreeze_layers} cuts the backbone at layer "
-                         f"{first}; the cached activations: {have} (rerun the activations stage)")
+                        f"{first}; the cached activations are cut at layer {activations.cut} "
+                        "(rerun the activations stage)")
     started = time.perf_counter()
     views = [activations.train]
     if finetune.cached_views > 1:
@@ -248,26 +254,25 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     classifier = models.top_classifier(model, top)
     _compile(classifier, finetune.learning_rate, train.label_smoothing)
     steps = int(np.ceil(len(activations.train) / batch))  # an epoch = one view of every image, on average
-    history, fit_seconds = fit(classifier, _Views(views), activations.val, batch, finetune.epochs,
-                               finetune.patience, finetune.reduce_lr_patience, seed=seed, steps_per_epoch=steps,
-                               on_epoch=on_epoch)
-    extra["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
-    return TrainResult(model, history, extract_seconds + fit_seconds, extra,
-                       trained=classifier, val_inputs=activations.val)
+    history, fit_seconds = fit(classifier, _Views(views), activations.val, train, finetune_rules(finetune), seed,
+                               steps_per_epoch=steps, on_epoch=on_epoch)
+    numbers["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
+    return TrainResult(model, history, extract_seconds + fit_seconds, numbers,
+                       fitted_model=classifier, fitted_val_set=activations.val)
 
 
-def calibrate(result: TrainResult, enabled: bool) -> float:
+def calibrate_result(result: TrainResult, enabled: bool) -> float:
     """Fit a temperature on the validation split (through the model that trained, on its own
     inputs: no second pass of the frozen layers) and fold it into ``result.model``; its
     numbers join the training metrics. Returns the temperature (1: off)."""
     if not enabled:
         return 1.0
     started = time.perf_counter()
-    trained = result.trained or result.model
-    fitted = calibration.calibrate(trained, result.val_inputs)
-    if calibration.output_layer(trained) is not calibration.output_layer(result.model):
+    fitted_model = result.fitted_model or result.model
+    fitted = calibration.calibrate(fitted_model, result.fitted_val_set)
+    if calibration.output_layer(fitted_model) is not calibration.output_layer(result.model):
         calibration.fold_temperature(result.model, fitted["temperature"])
-    result.extra.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
+    result.numbers.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
     return fitted["temperature"]
 
 

@@ -17,7 +17,7 @@ def main() -> None:
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_baseline(train, val, params.baseline, params.train, params.augment, params.seed,
                                          on_epoch=run.log_epoch)
-        temperature = training.calibrate(result, params.train.calibrate)
+        temperature = training.calibrate_result(result, params.train.calibrate)
         info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta, temperature)
         save_training_outputs(layout, result, info, run, val.read([0]))
 

@@ -27,7 +27,7 @@ def main() -> None:
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
                                          params.seed, activations, workdir, on_epoch=run.log_epoch)
-        temperature = training.calibrate(result, params.train.calibrate)
+        temperature = training.calibrate_result(result, params.train.calibrate)
         info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta, temperature=temperature)
         save_training_outputs(layout, result, info, run, val.read([0]), params.mlflow.registered_model)
 

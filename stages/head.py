@@ -26,7 +26,7 @@ def main() -> None:
         else:
             result = training.train_head(train, val, activations.backbone, params.model, params.head, params.train,
                                          params.augment, params.seed, on_epoch=run.log_epoch)
-        temperature = training.calibrate(result, params.train.calibrate)
+        temperature = training.calibrate_result(result, params.train.calibrate)
         info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
         save_training_outputs(layout, result, info, run, val.read([0]))
 

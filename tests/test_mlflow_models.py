@@ -14,6 +14,7 @@ import pytest
 from imgclf import models, training
 from imgclf.modelio import ModelInfo, save_model
 from imgclf.params import params_from_dict
+from imgclf.model_packaging import log_served_model
 from imgclf.tracking import stage_run
 from conftest import COLORS, answers, free_port, make_image, stop, tiny_params, wait_until
 
@@ -69,7 +70,7 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     names = ["daisy", "roses", "tulips"]
     save_model(model, path, ModelInfo("finetune", backbone, names, 32, True))
     with stage_run("finetune", params, tmp_path) as run:
-        version = run.log_model(path, "finetune", make_image(3, COLORS[1], 32)[None], register_as="flowers")
+        version = log_served_model(run, path, "finetune", make_image(3, COLORS[1], 32)[None], register_as="flowers")
     client = MlflowClient(store)
     assert version == "1"
     registered = client.get_model_version("flowers", "1")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from imgclf.tracking import TrackingError, check_reachable, main_project_root, tracking_uri
+from imgclf.tracking import TrackingError, check_server, main_project_root, tracking_uri
 from conftest import (PROGRAMS, ROOT, clean_env, dvc, free_port, make_folder, make_project, mlflow_server, run,
                       tiny_params)
 
@@ -24,7 +24,7 @@ def test_unreachable_server_is_reported_at_once_with_its_uri():
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.perf_counter()
     with pytest.raises(TrackingError, match=f"{uri} is unreachable"):
-        check_reachable(uri)
+        check_server(uri)
     assert time.perf_counter() - started < 10
 
 

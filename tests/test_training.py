@@ -121,7 +121,7 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, vi
     low_conv = [l for l in backbone.layers[:-20] if isinstance(l, keras.layers.Conv2D)][0]
     low_before = low_conv.kernel.numpy().copy()
 
-    result = finetune(model, train, val, params, trained_head.activations, tmp_path)
+    result = finetune(model, train, val, params, trained_head.activations if cached else None, tmp_path)
 
     for layer, (mean, var) in zip(bn, stats_before):
         np.testing.assert_array_equal(layer.moving_mean.numpy(), mean)
@@ -129,8 +129,8 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, vi
         assert not layer.trainable
     assert not np.array_equal(top_conv.kernel.numpy(), kernel_before), "unfrozen layer did not train"
     np.testing.assert_array_equal(low_conv.kernel.numpy(), low_before)
-    assert result.extra["unfrozen_layers_with_weights"] > 0
-    assert result.extra["cached_activations"] == int(cached)
+    assert result.numbers["unfrozen_layers_with_weights"] > 0
+    assert result.numbers["cached_activations"] == int(cached)
 
 
 def test_backbone_split_is_exact_and_shares_layers():
@@ -155,7 +155,7 @@ def test_cached_feature_head_matches_the_uncached_path(tmp_path):
     cached = head(train, val, params, use_cache=True, workdir=tmp_path)
     configure(params)
     uncached = head(train, val, params, use_cache=False)
-    assert cached.extra["cached_features"] == 1 and uncached.extra["cached_features"] == 0
+    assert cached.numbers["cached_features"] == 1 and uncached.numbers["cached_features"] == 0
     np.testing.assert_allclose(cached.history["loss"], uncached.history["loss"], rtol=2e-3)
     np.testing.assert_allclose(cached.history["val_loss"], uncached.history["val_loss"], rtol=2e-3)
     # same kind of model: the full image model, predicting the same

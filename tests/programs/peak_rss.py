@@ -13,7 +13,7 @@ training.configure(params.seed, params.train)
 train, val = store.open_split(folder, "train", 128), store.open_split(folder, "val", 128)
 if mode == "memory":  # what a stage that loads its whole split does
     train = ImageSet(train.read(np.arange(len(train))), train.labels, train.paths, train.class_names)
-training.calibrate(training.train_baseline(train, val, params.baseline, params.train, params.augment,
+training.calibrate_result(training.train_baseline(train, val, params.baseline, params.train, params.augment,
                                            params.seed), True)
 # VmHWM of this process, not ru_maxrss: Linux carries the parent's high-water mark into
 # ru_maxrss across exec, and the parent (pytest) may be larger than this whole test

@@ -1,0 +1,87 @@
+"""Packaging a trained model for MLflow: the model that `mlflow models serve` answers with
+(:mod:`imgclf.mlflow_model`: image files in, class names and probabilities out), its signature,
+input example and pinned requirements, and its version in the Model Registry."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import images
+from .modelio import read_metadata
+from .tracking import StageRun
+
+
+def log_served_model(run: StageRun, model_path: Path, name: str, example, register_as: str = "") -> str | None:
+    """Log a saved .keras model as the MLflow model that `mlflow models serve` answers with
+    (imgclf/mlflow_model.py: image files in, class names and probabilities out), the .keras
+    file inside it, with a signature and an input example (the first of ``example``, images
+    as the model takes them, as a PNG file; the signature is written out, not inferred, as
+    inference would run the model here). With ``register_as``, also register it in the
+    Model Registry and tag the version with the DVC experiment and git commit. Returns the
+    registered version, if any."""
+    if not run.active:
+        return None
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.types import ColSpec, Schema
+
+    from . import mlflow_model  # imports MLflow: only when tracking is on
+
+    class_names = read_metadata(model_path).class_names
+    signature = mlflow.models.ModelSignature(
+        inputs=Schema([ColSpec("string", mlflow_model.IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN)]
+                       + [ColSpec("double", name) for name in class_names]))
+    photo = served_example(example)
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder = Path(tmp) / "imgclf_images.py"  # the decoder, importable without imgclf
+        shutil.copyfile(images.__file__, decoder)
+        with _attached(run.client, run.run_id):
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=mlflow_model.__file__, code_paths=[str(decoder)],
+                artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
+                signature=signature, input_example=photo,
+                registered_model_name=register_as or None, pip_requirements=serving_requirements())
+    version = getattr(info, "registered_model_version", None)
+    if register_as and version is not None:
+        tags = run.client.get_run(run.run_id).data.tags
+        for key in ("dvc_exp_name", "git_commit"):
+            run.client.set_model_version_tag(register_as, str(version), key, tags.get(key, ""))
+    return None if version is None else str(version)
+
+
+def served_example(batch) -> "Any":
+    """The first image of ``batch`` (uint8-range RGB) as the served model's input: a one-row frame
+    with the base64 text of a PNG file, stored with the model as its input example."""
+    import base64
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from .mlflow_model import IMAGE_COLUMN
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.asarray(batch[0]), 0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def serving_requirements() -> list[str]:
+    """What the served model imports, pinned to the versions that trained it."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in
+            ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")]
+
+
+@contextlib.contextmanager
+def _attached(client: Any, run_id: str) -> Iterator[None]:
+    import mlflow
+
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        yield
