@@ -34,7 +34,7 @@ def main() -> None:
         write_json(layout.summary("audit"), report.summary)
         write_json(layout.root / "metrics" / "suspects.json", {"suspects": report.summary["suspects"]})
         shown = report.label_issues[:params.audit.gallery_size]
-        figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.3f}")
+        figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.2g}")
                             for r in shown], plots / "suspects.png",
                            title=report.summary.get("skipped") or "Most suspicious labels: given -> suggested (score)")
         run.log_metrics({"suspects": report.summary["suspects"],
