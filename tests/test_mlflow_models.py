@@ -50,6 +50,7 @@ def test_epochs_are_logged_while_training_and_the_experiment_is_a_training_one(s
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
 def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, backbone):
     import base64

@@ -98,7 +98,7 @@ def test_archive_is_downloaded_once_and_kept_by_url_and_checksum(server, tmp_pat
     assert cached_download(server["url"], digest, "", delays=NO_WAIT).read_bytes() == server["body"]
     assert not list((tmp_path / "cache").rglob("*.part"))
 
-
+@pytest.mark.slow
 def test_changing_another_data_param_does_not_download_again(server, tmp_path):
     project = make_project(tmp_path / "project", tiny_params(data={"source": "url", "path": server["url"]}))
     env = {"IMGCLF_CACHE": str(tmp_path / "cache")}
@@ -110,7 +110,7 @@ def test_changing_another_data_param_does_not_download_again(server, tmp_path):
     assert server["requests"] == 1
     assert json.loads((project / "reports/download/report.json").read_text())["summary"]["per_class"] == {"class_0": 3, "class_1": 3}
 
-
+@pytest.mark.slow
 def test_unreachable_archive_url_stops_the_stage_with_one_line(tmp_path):
     url = f"http://127.0.0.1:{free_port()}/photos.tgz"  # nothing listens there
     project = make_project(tmp_path / "project", tiny_params(data={"source": "url", "path": url}))

@@ -1,14 +1,17 @@
 """`dvc repro split` end to end in a throw-away git + DVC repository."""
+import csv
 import hashlib
 import json
 import shutil
 import sys
 
+import pytest
 import yaml
 
 from conftest import dvc, make_folder, make_project, run, tiny_params
 
 
+@pytest.mark.slow
 def test_repro_split_on_a_folder_with_bad_files(tmp_path):
     photos = make_folder(tmp_path / "photos", classes=3, per_class=15)
     (photos / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
@@ -43,6 +46,7 @@ def test_repro_split_on_a_folder_with_bad_files(tmp_path):
     assert "up to date" in status.stdout.lower()
 
 
+@pytest.mark.slow
 def test_bad_params_stop_the_stage_with_the_key(tmp_path):
     project = make_project(tmp_path / "project", tiny_params(
         data={"source": "folder", "path": str(tmp_path / "missing")}))
@@ -57,3 +61,30 @@ def test_bad_params_stop_the_stage_with_the_key(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(tiny_params(split={"train": 0.9})))
     direct = run([sys.executable, "-m", "stages.split"], project, check=False)
     assert "split: train + val + test must sum to 1" in direct.stderr
+
+
+@pytest.mark.slow
+def test_corrections_are_a_dependency_that_the_split_stage_applies(tmp_path):
+    photos = make_folder(tmp_path / "photos", classes=3, per_class=10)
+    project = make_project(tmp_path / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
+    dvc(project, "repro", "split")
+    raw = sorted(p.relative_to(project / "data/raw").as_posix() for p in (project / "data/raw").rglob("*.jpg"))
+    moved, dropped = next(p for p in raw if p.startswith("class_0/")), next(p for p in raw if p.startswith("class_1/"))
+    corrections = project / "corrections.csv"
+    corrections.write_text(f"path,action,label\n{moved},relabel,class_2\n{dropped},exclude,\n")
+    assert "split" in json.loads(dvc(project, "status", "--json").stdout)  # the file is a dependency
+
+    result = dvc(project, "repro", "split")
+    assert "1 excluded, 1 relabelled" in result.stdout
+    summary = json.loads((project / "reports/split/summary.json").read_text())
+    assert summary["corrections"] == {"excluded": 1, "relabelled": 1}
+    assert [sum(summary[s][c] for s in ("train", "val", "test")) for c in ("class_0", "class_1", "class_2")] == [9, 9, 11]
+    with (project / "data/split/manifest.csv").open() as fh:
+        rows = {row["source"]: row for row in csv.DictReader(fh)}
+    assert rows[moved]["label"] == "class_2" and dropped not in rows
+
+    corrections.write_text("path,action,label\nclass_0/nope.jpg,exclude,\n")
+    failed = dvc(project, "repro", "split", check=False)
+    assert failed.returncode != 0
+    assert f"error: {corrections}, line 2: no image class_0/nope.jpg under" in failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr

@@ -11,6 +11,8 @@ from PIL import Image
 
 from conftest import COLORS, dvc, make_folder, make_image, make_project, run, tiny_params, wait_until
 
+pytestmark = pytest.mark.slow
+
 MODELS = ("baseline", "head", "finetune")
 KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_ovr", "ece", "test_loss",
         "throughput_images_per_s", "params_total", "model_file_mb", "ece_uncalibrated", "temperature"}

@@ -33,7 +33,7 @@ def small_project(tmp_path):
     photos = make_folder(tmp_path / "photos", classes=2, per_class=6)
     return make_project(tmp_path / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
 
-
+@pytest.mark.slow
 def test_stage_fails_before_work_when_the_server_is_down(small_project):
     uri = f"http://127.0.0.1:{free_port()}"
     result = run([sys.executable, "-m", "stages.download"], small_project, check=False,
@@ -42,7 +42,7 @@ def test_stage_fails_before_work_when_the_server_is_down(small_project):
     assert uri in result.stderr and "mlflow.enabled: false" in result.stderr
     assert not (small_project / "data" / "raw").exists()
 
-
+@pytest.mark.slow
 def test_tracking_can_be_turned_off(small_project):
     import yaml
 
@@ -108,7 +108,7 @@ def test_parent_run_is_running_while_a_stage_runs_and_spans_all_stages(tmp_path,
             raise RuntimeError("training blew up")
     assert client.get_run(first.parent_id).info.status == "FAILED"
 
-
+@pytest.mark.slow
 def test_parallel_workers_creating_the_default_store_lose_no_run(tmp_path):
     """Six `dvc exp` workers starting at once on a project without mlflow.db: all runs land."""
     from mlflow.tracking import MlflowClient
