@@ -125,9 +125,7 @@ def test_missing_model_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["text", "no_metadata", "old_metadata"])
-def test_a_bad_model_file_is_one_line_naming_it(trained, tmp_path, kind):
-    import subprocess
-    import sys
+def test_a_bad_model_file_is_one_line_naming_it(trained, tmp_path, kind, capsys):
     import zipfile
 
     model, good = trained
@@ -145,12 +143,10 @@ def test_a_bad_model_file_is_one_line_naming_it(trained, tmp_path, kind):
         expected = "lacks stage, backbone, tta"
     image = tmp_path / "x.png"
     Image.fromarray(make_image(1, COLORS[0], 32)).save(image)
-    result = subprocess.run([sys.executable, "-m", "imgclf.predict", str(image), "--model", str(bad)],
-                            capture_output=True, text=True)
-    assert result.returncode == 2
-    # TensorFlow's own start-up lines (absl, oneDNN) also go to stderr; ours is one line
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert predict_main([str(image), "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"error: {bad}: ") and expected in lines[0], lines[0]
 
 
@@ -169,6 +165,7 @@ def test_predict_serves_test_time_augmentation_when_the_model_says_so(asymmetric
         assert served[name] == pytest.approx((plain[i] + mirrored[i]) / 2, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_exported_formats_match_keras(trained, tmp_path):
     model, _ = trained
     images = np.stack([make_image(50 + i, COLORS[i % 3], 32) for i in range(6)]).astype(np.float32)

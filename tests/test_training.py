@@ -52,7 +52,8 @@ def info(names, stage="head", backbone="mobilenetv2", size=32, tta=False):
     return ModelInfo(stage, backbone, names, size, tta)
 
 
-@pytest.mark.parametrize("backbone", ["efficientnetb0", "mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("backbone", [pytest.param("efficientnetb0", marks=pytest.mark.slow), "mobilenetv2",
+                                      pytest.param("resnet50", marks=pytest.mark.slow)])
 def test_backbone_builds_trains_saves_and_reloads_in_safe_mode(backbone, tmp_path):
     params = params_for(backbone)
     configure(params)
@@ -105,7 +106,8 @@ def test_head_training_leaves_the_frozen_backbone_unchanged():
     assert not np.array_equal(head_before, result.model.get_layer("predictions").kernel.numpy())
 
 
-@pytest.mark.parametrize("cached,views", [(True, 1), (True, 2), (False, 1)])
+@pytest.mark.parametrize("cached,views", [(True, 1), pytest.param(True, 2, marks=pytest.mark.slow),
+                                          pytest.param(False, 1, marks=pytest.mark.slow)])
 def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, views, tmp_path):
     params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "cache_activations": cached,
                                   "cached_views": views})
@@ -146,6 +148,7 @@ def test_backbone_split_is_exact_and_shares_layers():
     assert top.layers[1] is backbone.layers[first]
 
 
+@pytest.mark.slow
 def test_cached_feature_head_matches_the_uncached_path(tmp_path):
     """Features pooled from the cached activations through the frozen top train the same head
     as running the whole frozen backbone on the images every step."""
