@@ -11,9 +11,9 @@ import numpy as np
 
 from . import distributed, models
 from .datasets import Examples, batches
+from .errors import DataError
 from .inference import inference_batch_size
 from .params import FinetuneParams, ModelParams
-from .errors import DataError
 from .store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
 
 

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .images import is_image_path
 from .errors import DataError
+from .images import is_image_path
 
 
 class Examples(Protocol):

@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .progress import Progress
 from .errors import DataError
+from .progress import Progress
 
 T = TypeVar("T")
 RETRY_DELAYS = (1.0, 3.0)  # seconds before the 2nd and 3rd attempt

@@ -18,9 +18,9 @@ from . import calibration, distributed, models
 from .activations import Activations, compute_outputs
 from .augment import augmentation
 from .datasets import Examples, batches
+from .errors import DataError
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
-from .errors import DataError
 
 
 @dataclass
