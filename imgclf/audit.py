@@ -3,18 +3,18 @@ different splits are copies of each other, all from the frozen backbone's pooled
 
 Every image is scored with class probabilities from a model that never saw it: train and val
 by k-fold cross-validation of a logistic regression on their (L2-normalised) features, test by
-one fitted on all of train and val. cleanlab ranks the labels (label quality: the probability given to the
-label, low = suspicious) and flags label issues."""
+one fitted on all of train and val. cleanlab ranks the labels (label quality: the probability
+given to the label, low = suspicious) and flags label issues."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from .images import close_pairs
 from .params import AuditParams
 
 LABEL_ISSUE_COLUMNS = ["path", "split", "given", "suggested", "score"]
-_BLOCK = 1024  # rows of the similarity matrix computed at once
 
 
 @dataclass(frozen=True)
@@ -137,15 +137,9 @@ def cross_split_copies(sets: list[AuditSet], min_similarity: float) -> list[dict
     features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     split = np.concatenate([[i] * len(s.labels) for i, s in enumerate(sets)])
     paths = [p for s in sets for p in s.paths]
-    found = []
-    for start in range(0, len(features), _BLOCK):
-        sims = features[start:start + _BLOCK] @ features[start:].T
-        rows, cols = np.nonzero(sims >= min_similarity)
-        for r, c in zip(rows, cols):
-            i, j = r + start, c + start
-            if i < j and split[i] != split[j]:
-                found.append({"path_a": paths[i], "split_a": sets[split[i]].split, "path_b": paths[j],
-                              "split_b": sets[split[j]].split, "similarity": round(float(sims[r, c]), 4)})
+    found = [{"path_a": paths[i], "split_a": sets[split[i]].split, "path_b": paths[j],
+              "split_b": sets[split[j]].split, "similarity": round(similarity, 4)}
+             for i, j, similarity in close_pairs(features, min_similarity) if split[i] != split[j]]
     return sorted(found, key=lambda r: -r["similarity"])
 
 

@@ -172,7 +172,7 @@ def fit(strategy, model, train_set, val_set, train: TrainParams, rules: Training
                   + f" - {time.perf_counter() - started:.0f}s", flush=True)
             if on_epoch:
                 on_epoch(epoch, logs)
-            decision = keeper.end_epoch(epoch, val_loss, rate)
+            decision = keeper.end_epoch(val_loss, rate)
             if decision.keep:
                 kept_weights = [v.numpy() for v in model.weights]
             if decision.learning_rate is not None:

@@ -6,7 +6,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -153,6 +153,17 @@ MAX_NEAR_DUPLICATE_BITS = HASH_BITS // 2  # beyond this, hashes are no more alik
 _BLOCK = 1024  # rows of the distance matrix computed at once: 1024 x N float32
 
 
+def close_pairs(vectors: np.ndarray, min_dot: float) -> Iterator[tuple[int, int, float]]:
+    """Every pair ``(i, j, dot)``, ``i < j``, of rows of ``vectors`` whose dot product is at least
+    ``min_dot``, one block of rows against the rest at a time (one matrix product each; the memory
+    of one 1024-row block, never the N x N matrix)."""
+    for start in range(0, len(vectors), _BLOCK):
+        dots = vectors[start:start + _BLOCK] @ vectors[start:].T  # each pair once: columns from `start`
+        for r, c in zip(*np.nonzero(dots >= min_dot)):
+            if r < c:
+                yield int(start + r), int(start + c), float(dots[r, c])
+
+
 def near_duplicate_groups(hashes: Sequence[bytes], max_bits: int) -> list[list[int]]:
     """Indices of images whose perceptual hashes differ in at most ``max_bits`` bits, joined
     transitively; groups of two or more, each sorted. 0 finds nothing.
@@ -168,7 +179,6 @@ def near_duplicate_groups(hashes: Sequence[bytes], max_bits: int) -> list[list[i
     # equal hashes (blank or uniform images can share one) are one node: compare distinct ones
     distinct, node_of = np.unique(packed, axis=0, return_inverse=True)
     signs = np.unpackbits(distinct, axis=1).astype(np.float32) * 2 - 1
-    min_dot = signs.shape[1] - 2 * max_bits
     parent = list(range(len(distinct)))
 
     def find(i: int) -> int:
@@ -177,12 +187,8 @@ def near_duplicate_groups(hashes: Sequence[bytes], max_bits: int) -> list[list[i
             i = parent[i]
         return i
 
-    for start in range(0, len(signs), _BLOCK):
-        dots = signs[start:start + _BLOCK] @ signs[start:].T  # each pair once: columns from `start`
-        rows, cols = np.nonzero(dots >= min_dot - 0.5)
-        for i, j in zip(rows + start, cols + start):
-            if i < j:
-                parent[find(int(j))] = find(int(i))
+    for i, j, _ in close_pairs(signs, signs.shape[1] - 2 * max_bits - 0.5):
+        parent[find(j)] = find(i)
     groups: dict[int, list[int]] = {}
     for i, node in enumerate(np.ravel(node_of)):
         groups.setdefault(find(int(node)), []).append(i)

@@ -36,15 +36,14 @@ class RuleKeeper:
     def __init__(self, rules: TrainingRules):
         self.rules = rules
         self.best_loss = math.inf
-        self.best_epoch = -1
         self.wait = 0
         self.plateau_best = math.inf
         self.plateau_wait = 0
 
-    def end_epoch(self, epoch: int, val_loss: float, learning_rate: float) -> Decision:
+    def end_epoch(self, val_loss: float, learning_rate: float) -> Decision:
         keep = val_loss < self.best_loss  # only a strict improvement replaces the kept weights
         if keep:
-            self.best_loss, self.best_epoch, self.wait = val_loss, epoch, 0
+            self.best_loss, self.wait = val_loss, 0
         else:
             self.wait += 1
         stop = bool(self.rules.patience) and self.wait >= self.rules.patience

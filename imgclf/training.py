@@ -83,7 +83,7 @@ class RulesCallback(keras.callbacks.Callback):
         record(self.history, logs)
         if self.on_epoch:
             self.on_epoch(epoch, logs)
-        decision = self.keeper.end_epoch(epoch, logs["val_loss"], rate)
+        decision = self.keeper.end_epoch(logs["val_loss"], rate)
         if decision.keep:
             self.kept_weights = self.model.get_weights()
         if decision.learning_rate is not None:

@@ -16,7 +16,7 @@ def scripted(losses, rules, rate=1e-3):
     keeper, rates, kept = RuleKeeper(rules), [], None
     for epoch, loss in enumerate(losses):
         rates.append(rate)
-        decision = keeper.end_epoch(epoch, loss, rate)
+        decision = keeper.end_epoch(loss, rate)
         kept = epoch if decision.keep else kept
         rate = decision.learning_rate or rate
         if decision.stop:
