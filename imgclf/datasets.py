@@ -110,22 +110,17 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
     if shard:
         ds = ds.shard(*shard)
     dtype, shape = tf.as_dtype(examples.dtype), examples.record_shape
-    to_float = _batch_to_float(augment)
     classes, label_of = len(examples.class_names), tf.constant(np.asarray(examples.labels, np.int32))
 
-    def load(indices):
+    def load(indices):  # float32 per batch, so no full float copy of the inputs
         x = tf.numpy_function(examples.read, [indices], dtype, name="read_records")
-        x = to_float(tf.ensure_shape(x, (None, *shape)))
+        x = tf.cast(tf.ensure_shape(x, (None, *shape)), tf.float32)
         return (x, tf.one_hot(tf.gather(label_of, indices), classes)) if labels else x
 
     ds = ds.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is not None:
+        # Augmented one batch at a time, in order: in a parallel map the random draws reach the
+        # batches in a racy order, and a rerun (after a crash, say) must train on the same views.
+        ds = ds.map(lambda *batch: (augment(batch[0], training=True), *batch[1:]) if labels
+                    else augment(batch[0], training=True))
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _batch_to_float(augment=None):
-    """Batch -> float32 (per batch, so no full float copy of the inputs), augmented if asked."""
-    import tensorflow as tf
-
-    if augment is None:
-        return lambda x: tf.cast(x, tf.float32)
-    return lambda x: augment(tf.cast(x, tf.float32), training=True)

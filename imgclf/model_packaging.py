@@ -22,6 +22,10 @@ def log_served_model(run: StageRun, model_path: Path, name: str, example, regist
     registered version, if any."""
     if not run.active:
         return None
+    return run.attempt(f"model {name}", lambda: _log_model(run, model_path, name, example, register_as))
+
+
+def _log_model(run: StageRun, model_path: Path, name: str, example, register_as: str) -> str | None:
     import shutil
     import tempfile
 
@@ -85,3 +89,4 @@ def _attached(client: Any, run_id: str) -> Iterator[None]:
     mlflow.set_tracking_uri(client.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         yield
+    client.update_run(run_id, status="RUNNING")  # leaving start_run ended it; the stage has not ended

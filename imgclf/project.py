@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -101,11 +102,20 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); an expected failure (:class:`StageError`, or a missing input file)
-    ends it with one clear line and exit status 1."""
+    ends it with one clear line and exit status 1. SIGTERM (``kill``, a scheduler stopping the
+    job) ends it as Ctrl-C does: its MLflow run closed as KILLED, exit status 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except (StageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as err:
+        print(f"error: stopped by {err or 'SIGINT'}", file=sys.stderr)
+        sys.exit(130)

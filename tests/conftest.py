@@ -155,10 +155,11 @@ def clean_env(**extra: str) -> dict:
 
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: str, log: Path, env: dict | None = None,
-                  extra_args: tuple[str, ...] = ()) -> Iterator[str]:
-    """`mlflow server` on a free loopback port; yields its URL once it answers, stops it after."""
-    port = free_port()
-    with log.open("w") as out:
+                  extra_args: tuple[str, ...] = (), port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on ``port`` (a free loopback port if None); yields its URL once it answers,
+    stops it after."""
+    port = port or free_port()
+    with log.open("a") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", backend_uri, "--artifacts-destination", artifacts, "--workers", "1",

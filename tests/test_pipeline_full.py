@@ -1,10 +1,16 @@
 """The whole pipeline, tiny, in a throw-away git + DVC repo: repro, metrics, plots, predict,
 experiments tracked in MLflow, and the push / clone / pull round trip. The tests share one
 project and run in file order."""
+import contextlib
 import csv
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -27,7 +33,30 @@ def project(tmp_path_factory):
     dvc(root, "repro")
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny run"], root)
+    (base / "uninterrupted.json").write_text(json.dumps(results(root)))  # before other tests change it
     return root
+
+
+TIMING = re.compile(r"second|throughput|latency|_ms$|per_s$|date|time")
+
+
+def results(root) -> dict:
+    """Every metric, report and training curve of a run, without its timings (which vary)."""
+    def drop_timings(value):
+        if isinstance(value, dict):
+            return {k: drop_timings(v) for k, v in value.items() if not TIMING.search(str(k))}
+        return value
+
+    found = {}
+    for path in sorted([*root.glob("metrics/*.json"), *root.glob("reports/*/*.json"), *root.glob("reports/*/*.csv"),
+                        *root.glob("plots/*/*.csv")]):
+        relative = path.relative_to(root).as_posix()
+        if path.suffix == ".json":
+            found[relative] = drop_timings(json.loads(path.read_text()))
+        else:
+            with path.open() as fh:
+                found[relative] = [drop_timings(row) for row in csv.DictReader(fh)]
+    return found
 
 
 def mlflow_runs(root):
@@ -69,6 +98,67 @@ def test_repro_writes_every_metric_model_and_plot(project):
     suspects = json.loads((project / "metrics/suspects.json").read_text())["suspects"]
     assert suspects == json.loads((project / "reports/audit/summary.json").read_text())["suspects"]
     assert (project / "plots/audit/suspects.png").stat().st_size > 5_000
+
+
+# (stage, seconds after DVC starts it, what is killed): early ones land while TensorFlow loads,
+# later ones while the stage trains, evaluates or writes its outputs
+KILL_POINTS = [("download", 2.0, "stage"), ("split", 1.0, "dvc"), ("baseline", 9.0, "stage"),
+               ("activations", 5.0, "dvc"), ("head", 11.0, "stage"), ("finetune", 14.0, "dvc"),
+               ("evaluate", 8.0, "stage"), ("export", 16.0, "dvc")]
+
+
+def stage_processes(module: str, session: int) -> list[int]:
+    """Processes of ``python -m <module>`` in a session."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"-m" in args and module.encode() in args and os.getsid(int(entry.name)) == session:
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def repro_killed_in(root, stage: str, delay: float, target: str) -> bool:
+    """`dvc repro`, SIGKILLed ``delay`` s after it starts ``stage``: the stage alone, or DVC and
+    everything under it (a lost session). Whether the stage was still running to be killed."""
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    hit = False
+    for line in process.stdout:
+        if f"Running stage '{stage}'" in line:
+            time.sleep(delay)
+            victims = stage_processes(f"stages.{stage.split('@')[0]}", process.pid)
+            hit = bool(victims)
+            if target == "dvc":
+                os.killpg(process.pid, signal.SIGKILL)
+            for pid in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            break
+    process.stdout.read()
+    process.wait(timeout=300)
+    return hit
+
+
+def test_a_run_killed_at_many_points_and_reproduced_equals_an_uninterrupted_one(project, tmp_path):
+    """SIGKILL (the OOM killer, a preempted machine) at several points of the pipeline, each
+    followed by `dvc repro` going on from there: the end is the same metrics, reports and
+    curves as the uninterrupted run, and no MLflow run is left RUNNING."""
+    import yaml
+
+    params = yaml.safe_load(run(["git", "show", "HEAD:params.yaml"], project).stdout)
+    root = make_project(tmp_path / "killed", params)
+    hits = [repro_killed_in(root, *point) for point in KILL_POINTS]
+    dvc(root, "repro")
+    assert "Running stage" not in dvc(root, "repro").stdout
+    assert results(root) == json.loads((project.parent / "uninterrupted.json").read_text())
+    runs = mlflow_runs(root)
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert sum(hits) >= len(KILL_POINTS) // 2 and len(killed) >= sum(hits)
+    assert all("imgclf.found_dead" in r.data.tags for r in killed)
 
 
 def test_dvc_metrics_and_plots_show(project, tmp_path):
