@@ -194,7 +194,10 @@ class StageRun:
         return None
 
     def unlogged_report(self, uri: str) -> str:
-        shown = list(dict.fromkeys(self.unlogged))
+        steps = [int(item.rsplit(" ", 1)[1]) for item in self.unlogged if item.startswith("metrics of step ")]
+        shown = list(dict.fromkeys(
+            f"metrics of steps {min(steps)}-{max(steps)}" if item.startswith("metrics of step ") and len(steps) > 1
+            else item for item in self.unlogged))
         more = f" and {len(shown) - 6} more" if len(shown) > 6 else ""
         return (f"warning: MLflow ({uri}) did not take {', '.join(shown[:6])}{more} ({self.failure}); "
                 "the stage's outputs are kept, and its run is closed by the next stage if it stayed RUNNING")

@@ -131,7 +131,7 @@ def repro_killed_in(root, stage: str, delay: float, target: str) -> bool:
             time.sleep(delay)
             victims = stage_processes(f"stages.{stage.split('@')[0]}", process.pid)
             hit = bool(victims)
-            if target == "dvc":
+            if target == "dvc" or not victims:  # (a stage already over: stop DVC going on to the end)
                 os.killpg(process.pid, signal.SIGKILL)
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):

@@ -331,6 +331,20 @@ def test_server_and_database_restarts_lose_nothing_and_a_killed_stage_is_closed_
                 assert closed.info.status == "KILLED" and closed.info.end_time
                 assert f"process {dead.data.tags[PID_TAG]} on" in closed.data.tags[FOUND_DEAD_TAG]
             assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+            # the server goes down for good while the baseline trains (MLflow's retries cut short)
+            (project / "models" / "baseline.keras").unlink()
+            stage = subprocess.Popen([sys.executable, "-m", "stages.baseline"], cwd=project, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"})
+            wait_until(lambda: epochs_logged(2), "the third baseline's second epoch", stage, timeout=300)
+            server.__exit__(None, None, None)
+            output, _ = stage.communicate(timeout=600)
+            warnings = [line for line in output.splitlines() if "warning: MLflow" in line]
+            assert stage.returncode == 0 and "Traceback" not in output, output
+            assert len(warnings) == 1 and "did not take metrics of steps" in warnings[0], output
+            assert (project / "models" / "baseline.keras").is_file()
         finally:
             if stage.poll() is None:
                 stage.kill()
