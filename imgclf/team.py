@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     from .tracking import TrackingError, check_server, tracking_uri
 
     uri = tracking_uri(Path.cwd())
+    if not uri.startswith(("http://", "https://")):
+        print("error: set MLFLOW_TRACKING_URI to the team server's URL (http://host:port); accounts live on a "
+              "server started with --app-name basic-auth, not in a local store", file=sys.stderr)
+        return 2
     password = _read_password()
     if not password:
         print("error: no password given for the new user (standard input was empty)", file=sys.stderr)
         return 2
     try:
-        check_server(uri)
+        check_server(uri, remedy="Start it, or fix MLFLOW_TRACKING_URI")
         add_user(AuthServiceClient(uri), args.username, password, args.role)
     except MlflowException as err:
         print(f"error: MLflow server {uri} refused ({err.error_code}): {' '.join(str(err).split())[:300]}. "

@@ -58,7 +58,10 @@ def artifact_location(root: Path) -> str | None:
     return (main_project_root(root) / "mlruns").as_uri()
 
 
-def check_server(uri: str, timeout: float = 5.0) -> None:
+STAGE_REMEDY = "Start it, fix MLFLOW_TRACKING_URI, or set mlflow.enabled: false in params.yaml"
+
+
+def check_server(uri: str, timeout: float = 5.0, remedy: str = STAGE_REMEDY) -> None:
     """Fail at the start of a stage, not after training, if a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -68,8 +71,7 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
                 raise TrackingError(f"MLflow tracking server {uri} answered HTTP {response.status}")
     except (urllib.error.URLError, OSError) as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({err}). Start it, fix MLFLOW_TRACKING_URI, "
-            "or set mlflow.enabled: false in params.yaml") from err
+            f"MLflow tracking server {uri} is unreachable ({err}). {remedy}") from err
 
 
 def check_artifact_store(location: str) -> None:

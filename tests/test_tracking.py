@@ -129,3 +129,15 @@ def test_parallel_workers_creating_the_default_store_lose_no_run(tmp_path):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(c.data.tags["stage"] for c in children) == ["download", "split"]
         assert all(c.data.metrics["images"] == 3.0 for c in children)
+
+
+def test_team_accounts_need_a_reachable_team_server(tmp_path):
+    """`python -m imgclf.team add`: no server URL, or a server that does not answer: one line each."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    for env, code, expected in (({}, 2, "set MLFLOW_TRACKING_URI to the team server's URL"),
+                                ({"MLFLOW_TRACKING_URI": closed}, 1, f"{closed} is unreachable")):
+        result = subprocess.run([sys.executable, "-m", "imgclf.team", "add", "bob", "viewer"],
+                                input="pw-1234567\n", capture_output=True, text=True, cwd=tmp_path,
+                                env={**clean_env(**env), "PYTHONPATH": str(ROOT)})
+        assert result.returncode == code and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and expected in result.stderr
