@@ -102,9 +102,8 @@ def test_repro_writes_every_metric_model_and_plot(project):
 
 # (stage, seconds after DVC starts it, what is killed): early ones land while TensorFlow loads,
 # later ones while the stage trains, evaluates or writes its outputs
-KILL_POINTS = [("download", 2.0, "stage"), ("split", 1.0, "dvc"), ("baseline", 9.0, "stage"),
-               ("activations", 5.0, "dvc"), ("head", 11.0, "stage"), ("finetune", 14.0, "dvc"),
-               ("evaluate", 8.0, "stage"), ("export", 16.0, "dvc")]
+KILL_POINTS = [("download", 1.5, "stage"), ("baseline", 7.0, "dvc"), ("activations", 5.0, "stage"),
+               ("finetune", 8.0, "dvc"), ("evaluate", 6.0, "stage"), ("export", 10.0, "dvc")]
 
 
 def stage_processes(module: str, session: int) -> list[int]:

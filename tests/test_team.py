@@ -274,7 +274,7 @@ def test_server_and_database_restarts_lose_nothing_and_a_killed_stage_is_closed_
             return mlflow_server(backend, str(tmp_path / "artifacts"), tmp_path / "server.log", port=port)
 
         photos = make_folder(tmp_path / "photos", classes=2, per_class=6)
-        params = tiny_params(data={"source": "folder", "path": str(photos)}, baseline={"epochs": 150, "patience": 150})
+        params = tiny_params(data={"source": "folder", "path": str(photos)}, baseline={"epochs": 80, "patience": 80})
         project = make_project(tmp_path / "project", params)
         uri = f"http://127.0.0.1:{port}"
         env = clean_env(MLFLOW_TRACKING_URI=uri)
