@@ -3,6 +3,7 @@ activations stage), read back by the head and finetune stages, and the pooled fe
 from it. Every pass streams batches from disk, so memory does not grow with the data."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,21 +11,22 @@ import keras
 import numpy as np
 
 from . import distributed, models
-from .datasets import Examples, batches
+from .datasets import Examples
 from .errors import DataError
-from .inference import inference_batch_size
+from .inference import Runner, run_outputs, runner_for
 from .params import FinetuneParams, ModelParams
 from .store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
 
 
-def compute_outputs(model: keras.Model, examples: Examples, path: Path, augment=None) -> StoredSet:
-    """Run a frozen ``model`` once over every example, streaming its float32 outputs into the
-    record file ``path`` (``.npy``); returns them as examples with the same labels and paths."""
-    shape = tuple(model.output.shape[1:])
-    batch = inference_batch_size(examples.record_shape)
+def compute_outputs(model: keras.Model | Runner, examples: Examples, path: Path, augment=None) -> StoredSet:
+    """Run a frozen ``model`` (or its :class:`~imgclf.inference.Runner`) once over every example,
+    streaming its float32 outputs into the record file ``path`` (``.npy``); returns them as
+    examples with the same labels and paths."""
+    keras_model = model.model if isinstance(model, Runner) else model
+    shape = tuple(keras_model.output.shape[1:])
     with RecordWriter(path, len(examples), shape, np.float32) as writer:
-        for x in batches(examples, batch, augment=augment, labels=False):
-            writer.write(np.asarray(model.predict_on_batch(x)))
+        for outputs in run_outputs(model, examples, augment=augment):
+            writer.write(outputs)
     return StoredSet(RecordFile(path), examples.labels, list(getattr(examples, "paths", [])),
                      examples.class_names)
 
@@ -38,6 +40,7 @@ class Activations:
     val: Examples
     backbone: keras.Model
     cut: int
+    runtime: dict | None = None  # how the frozen bottom ran: runtime, why, parity with Keras
 
 
 def backbone_cut(model_config: ModelParams, finetune: FinetuneParams) -> tuple[keras.Model, int]:
@@ -56,8 +59,14 @@ def compute_activations(backbone: keras.Model, cut: int, backbone_name: str, tra
     bottom, _ = models.split_at(backbone, cut)
     extractor = models.image_extractor(backbone_name, bottom, train_set.record_shape[0])
     folder.mkdir(parents=True, exist_ok=True)
-    return Activations(compute_outputs(extractor, train_set, folder / "train.npy"),
-                       compute_outputs(extractor, val_set, folder / "val.npy"), backbone, cut)
+    run = runner_for(extractor, train_set, len(train_set) + len(val_set))
+    started = time.perf_counter()
+    train, val = (compute_outputs(run, examples, folder / f"{split}.npy")
+                  for split, examples in (("train", train_set), ("val", val_set)))
+    seconds = time.perf_counter() - started
+    report = {**run.report, "pass_seconds": round(seconds, 2),
+              "images_per_s": round((len(train_set) + len(val_set)) / max(seconds, 1e-9), 1)}
+    return Activations(train, val, backbone, cut, report)
 
 
 BACKBONE_FILE = "backbone.keras"
@@ -74,13 +83,14 @@ def write_activations(model_config: ModelParams, finetune: FinetuneParams, train
     per_image = int(np.prod(bottom.output.shape[1:])) * 4
     needed = (len(train_set) + len(val_set)) * per_image + 2**27  # + the backbone file
     with building(target, needed) as tmp:
-        compute_activations(backbone, cut, model_config.backbone, train_set, val_set, tmp)
+        activations = compute_activations(backbone, cut, model_config.backbone, train_set, val_set, tmp)
         for split, examples in (("train", train_set), ("val", val_set)):
             write_index(tmp / f"{split}.csv", examples.paths, examples.labels)
         backbone.save(tmp / BACKBONE_FILE)
         info = {"image_size": model_config.image_size, "backbone": model_config.backbone,
                 "weights": model_config.weights, "cut": cut, "cut_layer": backbone.layers[cut].name,
-                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:])}
+                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:]), "runtime": activations.runtime,
+                "images_per_s": activations.runtime["images_per_s"]}
         write_info(tmp, train_set.class_names, {"train": len(train_set), "val": len(val_set)}, **info)
     return info
 
@@ -99,16 +109,20 @@ def open_activations(folder: Path, backbone: str, image_size: int, load_backbone
 
 
 def pooled_features(activations: Activations, workdir: Path, test_set: Examples | None = None,
-                    backbone_name: str = "") -> dict[str, StoredSet]:
+                    backbone_name: str = "") -> tuple[dict[str, StoredSet], dict[str, dict]]:
     """The backbone's globally pooled features (the head's inputs) of the train and val images,
     from their cached activations through the frozen top, and, given ``test_set`` (images), of
-    the test images through the whole backbone; streamed into record files in ``workdir``."""
+    the test images through the whole backbone; streamed into record files in ``workdir``.
+    Also returns how each network ran (``runner.report``: runtime and parity with Keras)."""
     bottom, top = models.split_at(activations.backbone, activations.cut)
-    pooled = models.pooled_top(top)
+    pooled = runner_for(models.pooled_top(top), activations.train,
+                        len(activations.train) + len(activations.val) + len(test_set or []))
     out = {split: compute_outputs(pooled, examples, workdir / f"features_{split}.npy")
            for split, examples in (("train", activations.train), ("val", activations.val))}
+    runtimes = {"pooled_top": pooled.report}
     if test_set is not None:
-        extractor = models.image_extractor(backbone_name, bottom, test_set.record_shape[0])
+        extractor = runner_for(models.image_extractor(backbone_name, bottom, test_set.record_shape[0]), test_set)
         test_activations = compute_outputs(extractor, test_set, workdir / "activations_test.npy")
         out["test"] = compute_outputs(pooled, test_activations, workdir / "features_test.npy")
-    return out
+        runtimes["bottom"] = extractor.report
+    return out, runtimes

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .inference import predict_probs, serving_function
+from .inference import cpu_threads, predict_probs, serving_function
 from .modelio import ModelInfo
 
 
@@ -51,7 +51,7 @@ def tflite_predictor(path: Path):
     ``tf.lite.Interpreter`` (and the one a deployed model runs on)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path), num_threads=cpu_threads())
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
 

@@ -73,7 +73,7 @@ def format_row(path: str, ranked: list[dict]) -> str:
 
 def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool = False,
                   batch_size: int = 32, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from .inference import predict_probs
+    from .inference import predict_probs, runner
     from .modelio import load_model
 
     out, err = out or sys.stdout, err or sys.stderr
@@ -84,10 +84,13 @@ def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool
     progress = Progress(len(files), err) if len(files) > batch_size else None
     if not as_json:
         out.write("path\t" + "\t".join(f"top{i + 1}" for i in range(k)) + "\n")
+    served = None  # the runtime for every batch, chosen (and checked) on the first
     for start in range(0, len(files), batch_size):
         images, good, bad = load_batch(files[start:start + batch_size], size)
         skipped.extend(bad)
-        probs = predict_probs(model, images, info.tta)
+        if served is None and len(images):
+            served = runner(model, len(files) * (2 if info.tta else 1), images)
+        probs = predict_probs(served or model, images, info.tta)
         for path, row in zip(good, probs):
             ranked = top_k(row, names, k)
             out.write((json.dumps({"path": str(path), "top_k": ranked}) if as_json

@@ -19,6 +19,7 @@ from .activations import Activations, compute_outputs
 from .augment import augmentation
 from .datasets import Examples, batches
 from .errors import DataError
+from .inference import runner_for
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
@@ -179,7 +180,7 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
         _compile(model, head.learning_rate, train.label_smoothing)
     started = time.perf_counter()
     _, top = models.split_at(activations.backbone, activations.cut)
-    pooled = models.pooled_top(top)
+    pooled = runner_for(models.pooled_top(top), activations.train, len(activations.train) + len(activations.val))
     train_features = compute_outputs(pooled, activations.train, workdir / "features_train.npy")
     val_features = compute_outputs(pooled, activations.val, workdir / "features_val.npy")
     feature_seconds = time.perf_counter() - started
@@ -190,7 +191,8 @@ def train_head_on_activations(activations: Activations, model_config: ModelParam
                                on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
     return TrainResult(model, history, feature_seconds + fit_seconds,
-                       {"cached_features": 1, "feature_seconds": round(feature_seconds, 2)},
+                       {"cached_features": 1, "feature_seconds": round(feature_seconds, 2),
+                        **runtime_numbers("features", pooled.report)},
                        fitted_model=head_model, fitted_val_set=val_features)
 
 
@@ -247,9 +249,11 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     started = time.perf_counter()
     views = [activations.train]
     if finetune.cached_views > 1:
-        extractor = models.bottom_extractor(model, bottom)
+        extractor = runner_for(models.bottom_extractor(model, bottom), train_set,
+                               len(train_set) * (finetune.cached_views - 1))
         views += [compute_outputs(extractor, train_set, workdir / f"view_{v}.npy", aug)
                   for v in range(1, finetune.cached_views)]
+        numbers.update(runtime_numbers("views", extractor.report))
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
     _compile(classifier, finetune.learning_rate, train.label_smoothing)
@@ -259,6 +263,14 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     numbers["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
     return TrainResult(model, history, extract_seconds + fit_seconds, numbers,
                        fitted_model=classifier, fitted_val_set=activations.val)
+
+
+def runtime_numbers(name: str, report: dict) -> dict[str, float]:
+    """A pass's runtime report (:func:`imgclf.inference.runner`) as numbers for a phase summary."""
+    numbers = {f"{name}_on_litert": int(report["runtime"] == "litert")}
+    if "parity" in report:
+        numbers[f"{name}_parity_max_abs_diff"] = report["parity"]["max_abs_diff"]
+    return numbers
 
 
 def calibrate_result(result: TrainResult, enabled: bool) -> float:

@@ -3,7 +3,7 @@ images of data/store/transfer -> data/activations/ (shared by the head and finet
 from imgclf import distributed, tracking, training
 from imgclf.activations import write_activations
 from imgclf.params import load_params
-from imgclf.project import Layout, project_root, run_stage
+from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.store import open_split
 
 
@@ -16,9 +16,15 @@ def main() -> None:
         size = params.model.image_size
         train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
         info = write_activations(params.model, params.finetune, train, val, layout.activations)
-        run.log_metrics({"train_images": len(train), "val_images": len(val), "cut": info["cut"]})
+        write_json(layout.summary("activations"), info)
+        runtime = info["runtime"]
+        run.log_metrics({"train_images": len(train), "val_images": len(val), "cut": info["cut"],
+                         "images_per_s": info["images_per_s"], "on_litert": int(runtime["runtime"] == "litert")})
+        run.log_artifacts(layout.summary("activations"), "reports")
+    parity = f", parity with Keras {runtime['parity']}" if "parity" in runtime else ""
     print(f"activations: {info['backbone']} cut before layer {info['cut']} ({info['cut_layer']}), "
-          f"shape {info['shape']}, train={len(train)}, val={len(val)}")
+          f"shape {info['shape']}, train={len(train)}, val={len(val)}, {info['images_per_s']:.0f} images/s "
+          f"on {runtime['runtime']} ({runtime['why']}){parity}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def main() -> None:
         size = params.model.image_size
         activations = open_activations(layout.activations, params.model.backbone, size)
         test = open_split(layout.store("transfer"), "test", size)
-        features = pooled_features(activations, workdir, test, params.model.backbone)
+        features, runtimes = pooled_features(activations, workdir, test, params.model.backbone)
         raw = raw_sources(layout.split, layout.root)
         sets = [AuditSet(split, features[split].read(np.arange(len(features[split]))), features[split].labels,
                          [raw[p] for p in features[split].paths]) for split in SPLITS]
@@ -31,7 +31,7 @@ def main() -> None:
         write_csv(reports / "outliers.csv", report.outliers, ["path", "split", "label", "score"])
         write_csv(reports / "cross_split_copies.csv", report.copies,
                   ["path_a", "split_a", "path_b", "split_b", "similarity"])
-        write_json(layout.summary("audit"), report.summary)
+        write_json(layout.summary("audit"), {**report.summary, "runtime": runtimes})
         write_json(layout.root / "metrics" / "suspects.json", {"suspects": report.summary["suspects"]})
         shown = report.label_issues[:params.audit.gallery_size]
         figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.2g}")

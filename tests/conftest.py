@@ -179,3 +179,12 @@ def run_program(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None
     full_env = {**(env or os.environ), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, str(PROGRAMS / name), *args], cwd=cwd, capture_output=True,
                           text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def litert_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Each test converts models into its own cache (the stages it runs inherit the variable):
+    a model converted by another test would change which runtime serves a pass."""
+    folder = tmp_path_factory.mktemp("litert-cache")
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(folder))
+    return folder / "litert"

@@ -1,0 +1,119 @@
+"""The inference runtime: LiteRT on a CPU, converted once and checked against Keras, Keras where
+it cannot convert or a pass is too small to repay a conversion, and no wrong answer ever."""
+import numpy as np
+import pytest
+
+from imgclf import inference, models, training
+from imgclf.activations import compute_outputs
+from imgclf.datasets import ImageSet
+from imgclf.errors import StageError
+from imgclf.inference import ParityError, predict_probs, runner, runner_for
+from imgclf.params import params_from_dict
+from conftest import COLORS, make_image, tiny_params
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """A random-weight MobileNetV2 classifier and a random-weight CNN at 32 px, and images."""
+    params = params_from_dict(tiny_params())
+    training.configure(params.seed, params.train)
+    model = models.build_transfer_model(params.model, 3)
+    cnn = models.build_baseline(params.baseline, 3)
+    images = np.stack([make_image(c * 100 + i, COLORS[c], 32) for c in range(3) for i in range(12)])
+    return model, cnn, images
+
+
+def test_litert_serves_what_keras_computes_and_converts_once(classifier, litert_cache, monkeypatch):
+    model, cnn, images = classifier
+    monkeypatch.setenv(inference.RUNTIME_ENV, "litert")
+    first = runner(model, len(images), images)
+    assert first.runtime == "litert" and first.report["convert_seconds"] > 0
+    assert first.report["parity"]["images"] == inference.PARITY_IMAGES
+    assert first.report["parity"]["max_abs_diff"] <= 1e-4 and first.report["parity"]["top1_agreement"] == 1.0
+    assert len(list(litert_cache.glob("*.tflite"))) == 1
+    again = runner(model, len(images), images)  # a second pass (another stage) reuses the file
+    assert again.runtime == "litert" and again.report["convert_seconds"] == 0
+    assert len(list(litert_cache.glob("*.tflite"))) == 1
+    for tta, net in ((False, model), (True, cnn)):  # tta: the mirror images through LiteRT too
+        keras_probs = net.predict(images.astype(np.float32), verbose=0)
+        if tta:
+            keras_probs = (keras_probs + net.predict(images[:, :, ::-1].astype(np.float32), verbose=0)) / 2
+        got = predict_probs(net, images, tta=tta)
+        np.testing.assert_allclose(got, keras_probs, atol=1e-4)
+        assert (got.argmax(1) == keras_probs.argmax(1)).all()
+
+
+def test_feature_passes_stream_litert_outputs_to_disk(classifier, tmp_path, monkeypatch):
+    model, _, images = classifier
+    monkeypatch.setenv(inference.RUNTIME_ENV, "litert")
+    extractor = models.bottom_extractor(model, models.split_backbone(models.find_backbone(model), 5)[0])
+    examples = ImageSet(images, np.repeat(np.arange(3), 12), [f"{i}.jpg" for i in range(36)], ["a", "b", "c"])
+    run = runner_for(extractor, examples)
+    stored = compute_outputs(run, examples, tmp_path / "acts.npy")
+    expected = extractor.predict(images.astype(np.float32), verbose=0)
+    got = stored.read(np.arange(len(stored)))
+    assert run.runtime == "litert" and got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    assert "top1_agreement" not in run.report["parity"]  # activations, not class probabilities
+
+
+def test_small_passes_stay_on_keras_unless_converted(classifier, monkeypatch):
+    model, _, images = classifier
+    monkeypatch.delenv(inference.RUNTIME_ENV, raising=False)
+    small = runner(model, 10, images)
+    assert small.runtime == "keras" and "fewer than 256" in small.report["why"]
+    assert runner(model, 1000, images).runtime == "litert"  # large: converted
+    assert runner(model, 10, images).runtime == "litert"  # now in the cache: any pass uses it
+    monkeypatch.setenv(inference.RUNTIME_ENV, "keras")
+    assert runner(model, 1000, images).report == {"runtime": "keras", "why": "IMGCLF_RUNTIME=keras"}
+    monkeypatch.setenv(inference.RUNTIME_ENV, "fast")
+    with pytest.raises(StageError, match="IMGCLF_RUNTIME='fast'"):
+        runner(model, 10, images)
+
+
+def test_a_model_litert_cannot_convert_runs_on_keras_with_one_warning(classifier, monkeypatch, capsys):
+    import keras
+    import tensorflow as tf
+
+    class HostOp(keras.layers.Layer):  # a Python function inside the graph: no SavedModel, no TFLite
+        def call(self, x):
+            y = tf.numpy_function(lambda a: a * 2, [x], tf.float32)
+            return tf.ensure_shape(y, x.shape)
+
+    inputs = keras.Input((32, 32, 3))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(HostOp()(inputs)), name="host_op_net")
+    monkeypatch.setenv(inference.RUNTIME_ENV, "litert")
+    _, _, images = classifier
+    run = runner(model, 1000, images)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert run.runtime == "keras" and "LiteRT conversion failed" in run.report["why"]
+    assert len(warning) == 1 and warning[0].startswith("warning: LiteRT cannot run host_op_net (")
+    assert warning[0].endswith("; it runs on Keras")
+    np.testing.assert_allclose(run(images[:4]), images[:4].astype(np.float32).mean(axis=(1, 2)) * 2, rtol=1e-5)
+
+
+def test_a_converted_model_that_disagrees_stops_the_pass_naming_both_numbers(classifier, litert_cache,
+                                                                            monkeypatch):
+    model, cnn, images = classifier
+    monkeypatch.setenv(inference.RUNTIME_ENV, "litert")
+    runner(cnn, len(images), images)
+    # a cache entry holding another network's conversion (a damaged or stale cache)
+    other = next(litert_cache.glob("*.tflite"))
+    target = litert_cache / f"{inference.fingerprint(model)}.tflite"
+    target.write_bytes(other.read_bytes())
+    with pytest.raises(ParityError, match=r"LiteRT's conversion of .* disagrees with Keras on 16 images: "
+                                          r"max \|difference\| [0-9.e-]+ > 0.0001") as caught:
+        runner(model, len(images), images)
+    assert "IMGCLF_RUNTIME=keras" in str(caught.value)
+
+
+def test_the_fingerprint_names_architecture_and_weights(classifier):
+    model, _, _ = classifier
+    params = params_from_dict(tiny_params())
+    same = models.build_transfer_model(params.model, 3)
+    same.set_weights(model.get_weights())
+    assert inference.fingerprint(same) == inference.fingerprint(model)
+    weights = same.get_weights()
+    weights[-1] = weights[-1] + 1e-3
+    same.set_weights(weights)
+    assert inference.fingerprint(same) != inference.fingerprint(model)
