@@ -8,14 +8,23 @@ both, as a table and as JSON (also written to bench/results/benchmark.json).
     export TFDS_DATA_DIR=/path/to/tensorflow_datasets      # with tf_flowers prepared
     python bench/benchmark.py                              # both recipes
     python bench/benchmark.py --only pipeline              # just ours
+    python bench/benchmark.py --repro                      # and a whole `dvc repro` from empty
 
-The pipeline side uses params.yaml with model.backbone=mobilenetv2 and model.weights=imagenet.
+The pipeline side uses params.yaml with model.backbone=mobilenetv2 and model.weights=imagenet. It also
+times the frozen pass on Keras over the first 256 training images, for the runtime ratio. `--repro`
+adds a whole pipeline run as a user makes it: this project copied into an empty folder, `git init`,
+`dvc init`, `dvc repro` (every stage, each its own process, MLflow tracking into the folder).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -131,6 +140,8 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
         activations = compute_activations(backbone, cut, params.model.backbone, sets[0], sets[1],
                                                    work / "activations")
         activation_seconds = time.perf_counter() - started
+        frozen = activations.runtime
+        keras_rate = keras_frozen_pass_rate(backbone, cut, params.model.backbone, sets[0])
         head = training.train_head_on_activations(activations, params.model, params.head, params.train,
                                                   params.seed, work)
         finetune = training.train_finetune(head.model, sets[0], sets[1], params.finetune, params.train,
@@ -142,17 +153,83 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
             "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
             "head_plus_finetune_seconds": training_seconds, "total_seconds": decode_seconds + training_seconds,
             "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
-            "head_epochs": head.epochs_run, "finetune_epochs": finetune.epochs_run}
+            "head_epochs": head.epochs_run, "finetune_epochs": finetune.epochs_run,
+            "frozen_pass": {"runtime": frozen["runtime"], "images_per_s": frozen["images_per_s"],
+                            "convert_seconds": frozen.get("convert_seconds", 0), "parity": frozen.get("parity"),
+                            "keras_images_per_s_first_256": round(keras_rate, 1)}}
+
+
+def keras_frozen_pass_rate(backbone, cut: int, backbone_name: str, images: ImageSet, count: int = 256) -> float:
+    """Images per second of the same frozen bottom on Keras (4-image batches, as the Keras path
+    runs on a CPU) over the first ``count`` images: the runtime ratio, measured in the same run."""
+    from imgclf import models
+
+    bottom, _ = models.split_at(backbone, cut)
+    extractor = models.image_extractor(backbone_name, bottom, SIZE)
+    x = images.images[:count].astype(np.float32)
+    extractor.predict_on_batch(x[:4])  # trace
+    started = time.perf_counter()
+    for i in range(0, len(x), 4):
+        extractor.predict_on_batch(x[i:i + 4])
+    return len(x) / (time.perf_counter() - started)
+
+
+PROJECT_FILES = ("imgclf", "stages", "dvc.yaml", "corrections.csv", "inputs", ".gitignore", ".dvcignore")
+
+
+def repro_pipeline(params_path: Path) -> dict:
+    """A whole `dvc repro` from an empty workspace (this project copied, params with mobilenetv2 and
+    ImageNet weights): total wall time, seconds per stage (from DVC's "Running stage" lines), the
+    headline metrics."""
+    import yaml
+
+    params = yaml.safe_load(params_path.read_text())
+    params["model"].update(backbone="mobilenetv2", weights="imagenet")
+    with tempfile.TemporaryDirectory(prefix="bench-repro-") as tmp:
+        root = Path(tmp) / "project"
+        root.mkdir()
+        for name in PROJECT_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.exists():
+                shutil.copy(source, root / name)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+        for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                    ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+            subprocess.run(cmd, cwd=root, check=True, env=env, capture_output=True)
+        stages, current = {}, None
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            match = re.match(r"Running stage '([^']+)'", line)
+            if match:
+                now = time.perf_counter() - started
+                if current:
+                    stages[current[0]] = round(now - current[1], 1)
+                current = (match.group(1), now)
+        total = time.perf_counter() - started
+        if current:
+            stages[current[0]] = round(total - current[1], 1)
+        if process.wait() != 0:
+            raise SystemExit(f"dvc repro failed ({process.returncode})")
+        headline = json.loads((root / "metrics" / "evaluate.json").read_text())
+        activations = json.loads((root / "reports" / "activations" / "summary.json").read_text())
+    return {"total_seconds": round(total, 1), "stage_seconds": stages, "headline": headline,
+            "frozen_pass_images_per_s": activations["images_per_s"], "frozen_pass_runtime": activations["runtime"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["reference", "pipeline"], help="run one side only")
+    parser.add_argument("--repro", action="store_true", help="also time a whole `dvc repro` from empty")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "benchmark.json"))
     args = parser.parse_args()
 
-    import os
     import platform
 
     parts, names = tfds_slices()
@@ -163,6 +240,11 @@ def main() -> None:
         results["reference"] = reference_recipe(parts, len(names), seed=42)
     if args.only != "reference":
         results["pipeline"] = pipeline_recipe(parts, names, Path(args.params))
+    if args.repro:
+        results["repro"] = repro_pipeline(Path(args.params))
+        if "reference" in results:
+            results["time_ratio_repro"] = round(results["repro"]["total_seconds"]
+                                                / results["reference"]["total_seconds"], 3)
     if "reference" in results and "pipeline" in results:
         reference = results["reference"]["total_seconds"]
         # head + finetune (the frozen pass both share included) against the reference's two phases,
@@ -179,6 +261,14 @@ def main() -> None:
                   f"{r['head_seconds']:.1f} | "
                   f"{r['finetune_seconds']:.1f} | {r['total_seconds']:.1f} | {r['test_accuracy']:.4f} | "
                   f"{r['test_macro_f1']:.4f} |")
+    if "pipeline" in results:
+        frozen = results["pipeline"]["frozen_pass"]
+        print(f"\nfrozen pass: {frozen['images_per_s']:.0f} images/s on {frozen['runtime']} "
+              f"(Keras: {frozen['keras_images_per_s_first_256']:.0f}), parity {frozen['parity']}")
+    if "repro" in results:
+        repro = results["repro"]
+        print(f"dvc repro from empty: {repro['total_seconds']:.0f} s "
+              f"({', '.join(f'{k} {v:.0f}' for k, v in repro['stage_seconds'].items())}), {repro['headline']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -14,7 +14,6 @@ convert a model (one warning line).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import tempfile
@@ -227,7 +226,7 @@ def runner(model: keras.Model, images: int, sample: np.ndarray) -> Runner:
     try:
         path, seconds = litert_file(model)
         interpreter = litert_interpreter(path, tuple(model.input.shape[1:]))
-    except Exception as err:  # the converter's errors have no common type
+    except Exception as err:  # noqa: BLE001 - the converter's errors have no common type
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         print(f"warning: LiteRT cannot run {model.name} ({reason}); it runs on Keras", file=sys.stderr)
         return Runner(model, "keras", {"runtime": "keras", "why": f"LiteRT conversion failed: {reason}"})

@@ -181,10 +181,20 @@ def run_program(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None
                           text=True, env=full_env, timeout=timeout)
 
 
-@pytest.fixture(autouse=True)
-def litert_cache(tmp_path_factory, monkeypatch) -> Path:
-    """Each test converts models into its own cache (the stages it runs inherit the variable):
-    a model converted by another test would change which runtime serves a pass."""
-    folder = tmp_path_factory.mktemp("litert-cache")
-    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(folder))
-    return folder / "litert"
+def pytest_configure(config):
+    """Models the tests convert for LiteRT go to a cache of this test session, not the user's."""
+    import tempfile
+
+    config.litert_cache = tempfile.mkdtemp(prefix="imgclf-test-cache-")
+    os.environ["IMGCLF_CACHE_DIR"] = config.litert_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "litert_cache", ""), ignore_errors=True)
+
+
+@pytest.fixture
+def litert_cache(tmp_path, monkeypatch) -> Path:
+    """A cache of converted models of this test alone (the stages it runs inherit it)."""
+    monkeypatch.setenv("IMGCLF_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "litert"

@@ -24,6 +24,15 @@ KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_o
         "throughput_images_per_s", "params_total", "model_file_mb", "ece_uncalibrated", "temperature"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def on_litert():
+    """Every inference pass of these runs on LiteRT (tiny passes would stay on Keras): the whole
+    pipeline is tested on the runtime a CPU uses on real data, the same in every run compared."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IMGCLF_RUNTIME", "litert")
+        yield
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("full")
@@ -98,6 +107,13 @@ def test_repro_writes_every_metric_model_and_plot(project):
     suspects = json.loads((project / "metrics/suspects.json").read_text())["suspects"]
     assert suspects == json.loads((project / "reports/audit/summary.json").read_text())["suspects"]
     assert (project / "plots/audit/suspects.png").stat().st_size > 5_000
+    # every inference-only pass ran on LiteRT, checked against Keras, and the reports say so
+    activations = json.loads((project / "reports/activations/summary.json").read_text())
+    audit = json.loads((project / "reports/audit/summary.json").read_text())
+    for report in [activations["runtime"], *audit["runtime"].values(), *(metrics[m]["runtime"] for m in MODELS)]:
+        assert report["runtime"] == "litert" and report["parity"]["max_abs_diff"] <= report["parity"]["allowed"]
+    assert all(metrics[m]["runtime"]["parity"]["top1_agreement"] == 1 for m in MODELS)
+    assert activations["images_per_s"] > 0
 
 
 # (stage, what is killed, seconds to wait before the kill, counted from when DVC starts the stage or,

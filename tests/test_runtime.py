@@ -2,6 +2,7 @@
 it cannot convert or a pass is too small to repay a conversion, and no wrong answer ever."""
 import numpy as np
 import pytest
+from conftest import COLORS, make_image, tiny_params
 
 from imgclf import inference, models, training
 from imgclf.activations import compute_outputs
@@ -9,7 +10,6 @@ from imgclf.datasets import ImageSet
 from imgclf.errors import StageError
 from imgclf.inference import ParityError, predict_probs, runner, runner_for
 from imgclf.params import params_from_dict
-from conftest import COLORS, make_image, tiny_params
 
 
 @pytest.fixture(scope="module")
