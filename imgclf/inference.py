@@ -203,8 +203,10 @@ def check_parity(model: keras.Model, interpreter, sample: np.ndarray) -> dict:
     expected = np.asarray(model.predict_on_batch(sample), np.float32)
     got = _litert_outputs(interpreter, sample)
     diff = float(np.abs(got - expected).max())
-    allowed = PARITY_TOLERANCE * max(1.0, float(np.abs(expected).max()))
-    parity = {"images": len(sample), "max_abs_diff": float(f"{diff:.3g}"), "allowed": float(f"{allowed:.3g}")}
+    scale = float(np.abs(expected).max())
+    allowed = PARITY_TOLERANCE * max(1.0, scale)
+    parity = {"images": len(sample), "max_abs_diff": float(f"{diff:.3g}"), "allowed": float(f"{allowed:.3g}"),
+              "max_abs_output": float(f"{scale:.3g}"), "max_relative_diff": float(f"{diff / max(scale, 1e-12):.3g}")}
     if is_classifier(model):
         parity["top1_agreement"] = float((got.argmax(-1) == expected.argmax(-1)).mean())
     if diff > allowed or parity.get("top1_agreement", 1.0) < 1.0:
