@@ -238,8 +238,10 @@ def main() -> None:
                "images": {"train": len(parts[0]), "val": len(parts[1]), "test": len(parts[2])}}
     if args.only != "pipeline":
         results["reference"] = reference_recipe(parts, len(names), seed=42)
+        print("RESULT reference " + json.dumps(results["reference"]), flush=True)
     if args.only != "reference":
         results["pipeline"] = pipeline_recipe(parts, names, Path(args.params))
+        print("RESULT pipeline " + json.dumps(results["pipeline"]), flush=True)
     if args.repro:
         results["repro"] = repro_pipeline(Path(args.params))
         if "reference" in results:
