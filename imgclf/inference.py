@@ -159,10 +159,9 @@ def convert(model: keras.Model) -> bytes:
         return tf.lite.TFLiteConverter.from_saved_model(tmp).convert()
 
 
-def litert_file(model: keras.Model) -> tuple[Path, float]:
-    """The cached TFLite file of ``model`` (converted now if missing) and the seconds converting took."""
-    folder = cache_dir()
-    path = folder / f"{fingerprint(model)}.tflite"
+def litert_file(model: keras.Model, path: Path) -> tuple[Path, float]:
+    """The cached TFLite file ``path`` of ``model`` (converted now if missing) and the seconds converting took."""
+    folder = path.parent
     if path.exists():
         os.utime(path)  # recently used
         return path, 0.0
@@ -221,12 +220,12 @@ def runner(model: keras.Model, images: int, sample: np.ndarray) -> Runner:
     """The runner of a pass of ``images`` inputs through ``model``: LiteRT on a CPU (converted
     once, checked against Keras on ``sample``, the pass's first inputs), else Keras. A model
     LiteRT cannot convert runs on Keras with one warning line; a parity failure stops the stage."""
-    converted = (cache_dir() / f"{fingerprint(model)}.tflite").exists()
-    runtime, why = choose_runtime(images, converted)
+    cached = cache_dir() / f"{fingerprint(model)}.tflite"
+    runtime, why = choose_runtime(images, cached.exists())
     if runtime == "keras":
         return Runner(model, "keras", {"runtime": "keras", "why": why})
     try:
-        path, seconds = litert_file(model)
+        path, seconds = litert_file(model, cached)
         interpreter = litert_interpreter(path, tuple(model.input.shape[1:]))
     except Exception as err:  # noqa: BLE001 - the converter's errors have no common type
         reason = " ".join(str(err).split())[:300] or type(err).__name__
