@@ -89,8 +89,8 @@ def write_activations(model_config: ModelParams, finetune: FinetuneParams, train
         backbone.save(tmp / BACKBONE_FILE)
         info = {"image_size": model_config.image_size, "backbone": model_config.backbone,
                 "weights": model_config.weights, "cut": cut, "cut_layer": backbone.layers[cut].name,
-                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:]), "runtime": activations.runtime,
-                "images_per_s": activations.runtime["images_per_s"]}
+                "unfreeze_layers": finetune.unfreeze_layers, "shape": list(bottom.output.shape[1:]),
+                "runtime": activations.runtime, "images_per_s": activations.runtime["images_per_s"]}
         write_info(tmp, train_set.class_names, {"train": len(train_set), "val": len(val_set)}, **info)
     return info
 
