@@ -97,6 +97,9 @@ def main() -> None:
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
                "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),
                "test": score(result.model, test, params)}
+        if not params.train.tta:  # what test-time augmentation would give, at the cost of one more pass
+            mirrored = params_from_dict(apply(base, overrides + ",train.tta=true"))
+            row.update(val_tta=score(result.model, val, mirrored), test_tta=score(result.model, test, mirrored))
         print("RESULT " + json.dumps(row), flush=True)
 
 

@@ -117,11 +117,15 @@ def label_issues(sets: list[AuditSet], probs: list[np.ndarray], class_names: lis
 def outliers(sets: list[AuditSet], class_names: list[str]) -> list[dict]:
     """Images least like the rest (cleanlab's out-of-distribution score on the features: the
     mean distance to their nearest neighbours; low = unusual), most unusual first."""
+    import sklearn
     from cleanlab.outlier import OutOfDistribution
 
     features = np.concatenate([s.features for s in sets])
     k = min(10, len(features) - 1)
-    scores = OutOfDistribution(params={"k": k}).fit_score(features=features)
+    # scikit-learn's nearest-neighbour search takes distance blocks of up to 1 GiB by default:
+    # 64 MiB blocks gave the same scores in the same time at 15,000 images, 1.3 GiB less peak memory
+    with sklearn.config_context(working_memory=64):
+        scores = OutOfDistribution(params={"k": k}).fit_score(features=features)
     rows = [{"path": p, "split": s.split, "label": class_names[label]} for s in sets
             for p, label in zip(s.paths, s.labels)]
     for row, score in zip(rows, scores):

@@ -46,3 +46,27 @@ def augmentation(config: AugmentParams, seed: int):
     if config.contrast:
         steps.append(keras.layers.RandomContrast(config.contrast, seed=seed + 3, value_range=(0, 255)))
     return keras.Sequential(steps, name="augmentation") if steps else None
+
+
+def mixup(alpha: float, seed: int):
+    """Mixup of a batch of ``(inputs, one-hot labels)``: each example blended with its mirror in
+    the (shuffled) batch by a weight drawn from Beta(alpha, alpha), labels alike. On the cached
+    activations of the frozen bottom it is manifold mixup: a regulariser for a top that otherwise
+    learns every training image by heart within a few epochs. Draws come from one seeded
+    generator, so a rerun mixes the same pairs with the same weights. None when ``alpha`` is 0."""
+    if not alpha:
+        return None
+    generator = tf.random.Generator.from_seed(seed + 5)
+
+    def mix(inputs, labels):
+        count = tf.shape(inputs)[0]
+        seeds = generator.make_seeds(2)
+        first = tf.random.stateless_gamma([count], seeds[:, 0], alpha)
+        second = tf.random.stateless_gamma([count], seeds[:, 1], alpha)
+        weight = first / tf.maximum(first + second, 1e-12)
+        shape = tf.concat([[count], tf.ones([tf.rank(inputs) - 1], tf.int32)], 0)
+        mixed = tf.reshape(weight, shape) * inputs + tf.reshape(1.0 - weight, shape) * tf.reverse(inputs, [0])
+        targets = weight[:, None] * labels + (1.0 - weight[:, None]) * tf.reverse(labels, [0])
+        return mixed, targets
+
+    return mix

@@ -91,13 +91,14 @@ def load_subset(split_dir: Path, subset: str, size: int, names: list[str]) -> Im
 
 
 def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: int = 0, augment=None,
-            labels: bool = True, repeat: bool = False, shard: tuple[int, int] | None = None):
+            labels: bool = True, repeat: bool = False, shard: tuple[int, int] | None = None, mix=None):
     """A batched, prefetched tf.data pipeline of float32 inputs (and one-hot labels).
 
     Only indices are shuffled (reshuffled every epoch); each batch's records are read in a
     parallel map. With the same seed the order equals that of shuffling the examples themselves.
     ``shard=(count, index)``: every ``count``-th index of that order from ``index`` on (one
-    worker's share, under multi-worker training).
+    worker's share, under multi-worker training). ``mix``: a function of a batch's inputs and
+    labels applied after ``augment`` (:func:`imgclf.augment.mixup`).
     """
     import tensorflow as tf
 
@@ -123,4 +124,6 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
         # batches in a racy order, and a rerun (after a crash, say) must train on the same views.
         ds = ds.map(lambda *batch: (augment(batch[0], training=True), *batch[1:]) if labels
                     else augment(batch[0], training=True))
+    if mix is not None and labels:
+        ds = ds.map(mix)  # in order, for the same reason
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -106,7 +106,7 @@ def lost_worker(err: Exception) -> DistributedError:
 
 
 def fit(strategy, model, train_set, val_set, train: TrainParams, rules: TrainingRules, *, seed: int, augment,
-        steps_per_epoch: int | None, on_epoch: EpochHook | None) -> dict[str, list[float]]:
+        mix=None, steps_per_epoch: int | None, on_epoch: EpochHook | None) -> dict[str, list[float]]:
     """Train ``model`` (compiled, built in ``strategy``'s scope) across the cluster under the
     training ``rules`` (:mod:`imgclf.rules`, as Keras' fit applies them); returns the per-epoch
     history. ``train.batch_size`` is the global batch: each of the workers' replicas takes
@@ -124,7 +124,7 @@ def fit(strategy, model, train_set, val_set, train: TrainParams, rules: Training
 
     def dataset(context):
         return batches(train_set, context.get_per_replica_batch_size(batch_size), shuffle=True, seed=seed,
-                       augment=augment, repeat=True,
+                       augment=augment, mix=mix, repeat=True,
                        shard=(context.num_input_pipelines, context.input_pipeline_id))
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset))

@@ -150,15 +150,16 @@ def is_image_path(path: Path) -> bool:
 # Written by the download stage into data/raw: [["<class>/<file>", ...], ...], read by split.
 NEAR_DUPLICATES_FILE = "near_duplicates.json"
 MAX_NEAR_DUPLICATE_BITS = HASH_BITS // 2  # beyond this, hashes are no more alike than unrelated photos
-_BLOCK = 1024  # rows of the distance matrix computed at once: 1024 x N float32
+_BLOCK_ELEMENTS = 2**22  # entries of the distance matrix computed at once: 16 MiB of float32
 
 
 def close_pairs(vectors: np.ndarray, min_dot: float) -> Iterator[tuple[int, int, float]]:
     """Every pair ``(i, j, dot)``, ``i < j``, of rows of ``vectors`` whose dot product is at least
     ``min_dot``, one block of rows against the rest at a time (one matrix product each; the memory
-    of one 1024-row block, never the N x N matrix)."""
-    for start in range(0, len(vectors), _BLOCK):
-        dots = vectors[start:start + _BLOCK] @ vectors[start:].T  # each pair once: columns from `start`
+    of one block of at most 16 MiB, never the N x N matrix)."""
+    block = max(64, _BLOCK_ELEMENTS // max(len(vectors), 1))
+    for start in range(0, len(vectors), block):
+        dots = vectors[start:start + block] @ vectors[start:].T  # each pair once: columns from `start`
         for r, c in zip(*np.nonzero(dots >= min_dot)):
             if r < c:
                 yield int(start + r), int(start + c), float(dots[r, c])
@@ -170,7 +171,7 @@ def near_duplicate_groups(hashes: Sequence[bytes], max_bits: int) -> list[list[i
 
     Hashes as vectors of +-1: the Hamming distance of two is (256 - their dot product) / 2, so
     a block of rows against all the others is one matrix product (about a second for 10,000
-    images on 2 cores, and the memory of one 1024-row block)."""
+    images on 2 cores, and the memory of one block: :func:`close_pairs`)."""
     if max_bits <= 0 or len(hashes) < 2:
         return []
     if max_bits > MAX_NEAR_DUPLICATE_BITS:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import calibration, distributed, models
 from .activations import Activations, compute_outputs
-from .augment import augmentation
+from .augment import augmentation, mixup
 from .datasets import Examples, batches
 from .errors import DataError
 from .inference import runner_for
@@ -99,19 +99,20 @@ class RulesCallback(keras.callbacks.Callback):
 
 def fit(model: keras.Model, train_set: Examples, val_set: Examples, train: TrainParams, rules: TrainingRules,
         seed: int, augment=None, steps_per_epoch: int | None = None,
-        on_epoch: EpochHook | None = None) -> tuple[dict[str, list[float]], float]:
+        on_epoch: EpochHook | None = None, mix=None) -> tuple[dict[str, list[float]], float]:
     """Fit on shuffled (and augmented, if asked) batches of ``train_set`` under the training
     ``rules`` (the best epoch's weights kept, early stopping, learning rate cut on a plateau).
     ``steps_per_epoch``: an epoch of that many batches from an endless reshuffled stream (several
-    cached views per image). Under ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
+    cached views per image). ``mix``: a batch-level blend of inputs and labels (mixup). Under
+    ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
     started = time.perf_counter()
     multi_worker = distributed.multi_worker_strategy()
     if multi_worker is not None:
         history = distributed.fit(multi_worker, model, train_set, val_set, train, rules, seed=seed, augment=augment,
-                                  steps_per_epoch=steps_per_epoch, on_epoch=on_epoch)
+                                  mix=mix, steps_per_epoch=steps_per_epoch, on_epoch=on_epoch)
         return history, time.perf_counter() - started
     train_ds = batches(train_set, train.batch_size, shuffle=True, seed=seed, augment=augment,
-                       repeat=steps_per_epoch is not None)
+                       repeat=steps_per_epoch is not None, mix=mix)
     val_ds = batches(val_set, train.batch_size)
     callback = RulesCallback(rules, on_epoch)
     if rules.epochs:
@@ -125,7 +126,23 @@ def head_rules(head: HeadParams) -> TrainingRules:
 
 
 def finetune_rules(finetune: FinetuneParams) -> TrainingRules:
-    return TrainingRules(finetune.epochs, finetune.patience, finetune.reduce_lr_patience)
+    """A cosine schedule sets the rate itself: no cut on a plateau then."""
+    cut_patience = finetune.reduce_lr_patience if finetune.lr_schedule == "constant" else 0
+    return TrainingRules(finetune.epochs, finetune.patience, cut_patience)
+
+
+def finetune_learning_rate(finetune: FinetuneParams, steps_per_epoch: int):
+    """``finetune.learning_rate``, or with ``lr_schedule: cosine`` a linear rise from 0 over
+    ``warmup_epochs`` (the freshly unfrozen layers start gently) and a cosine decay to 0 over the
+    remaining epochs."""
+    if finetune.lr_schedule == "constant" or not finetune.epochs:
+        return finetune.learning_rate
+    warmup = finetune.warmup_epochs * steps_per_epoch
+    decay = (finetune.epochs - finetune.warmup_epochs) * steps_per_epoch
+    if not warmup:
+        return keras.optimizers.schedules.CosineDecay(finetune.learning_rate, decay_steps=decay)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=decay, warmup_target=finetune.learning_rate,
+                                                  warmup_steps=warmup)
 
 
 def _compile(model: keras.Model, learning_rate, label_smoothing: float) -> None:
@@ -222,7 +239,8 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
                    train: TrainParams, augment: AugmentParams, seed: int,
                    activations: Activations | None = None, workdir: Path | None = None,
                    on_epoch: EpochHook | None = None) -> TrainResult:
-    """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate.
+    """Phase 2: unfreeze the top backbone layers (BatchNorm frozen) at a low learning rate
+    (constant, or warmed up and decayed: :func:`finetune_learning_rate`).
 
     Given the cached ``activations`` of the frozen bottom (the stage passes them when
     ``finetune.cache_activations`` is on), only the unfrozen top and the head train, on them, each
@@ -237,9 +255,10 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
                "unfrozen_from_layer": first, "cached_activations": int(activations is not None)}
     aug = augmentation(augment, seed)
     if activations is None:
-        _compile(model, finetune.learning_rate, train.label_smoothing)  # recompile after trainable changes
+        steps = int(np.ceil(len(train_set) / batch))  # recompile after trainable changes:
+        _compile(model, finetune_learning_rate(finetune, steps), train.label_smoothing)
         history, seconds = fit(model, train_set, val_set, train, finetune_rules(finetune), seed, augment=aug,
-                               on_epoch=on_epoch)
+                               on_epoch=on_epoch, mix=mixup(finetune.mixup, seed))
         return TrainResult(model, history, seconds, numbers, fitted_val_set=val_set)
 
     if activations.cut != first:
@@ -256,10 +275,10 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
         numbers.update(runtime_numbers("views", extractor.report))
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
-    _compile(classifier, finetune.learning_rate, train.label_smoothing)
     steps = int(np.ceil(len(activations.train) / batch))  # an epoch = one view of every image, on average
+    _compile(classifier, finetune_learning_rate(finetune, steps), train.label_smoothing)
     history, fit_seconds = fit(classifier, _Views(views), activations.val, train, finetune_rules(finetune), seed,
-                               steps_per_epoch=steps, on_epoch=on_epoch)
+                               steps_per_epoch=steps, on_epoch=on_epoch, mix=mixup(finetune.mixup, seed))
     numbers["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
     return TrainResult(model, history, extract_seconds + fit_seconds, numbers,
                        fitted_model=classifier, fitted_val_set=activations.val)

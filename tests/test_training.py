@@ -135,6 +135,32 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, vi
     assert result.numbers["cached_activations"] == int(cached)
 
 
+def test_mixup_blends_each_example_with_its_mirror_and_repeats_on_rerun():
+    from imgclf.augment import mixup
+    from imgclf.datasets import batches
+
+    count = 16
+    inputs = np.random.default_rng(0).normal(size=(count, 4, 4, 2)).astype("float32")
+    examples = ImageSet(inputs, np.arange(count, dtype=np.int32), [""] * count, [str(c) for c in range(count)])
+    assert mixup(0.0, 1) is None
+
+    def first_batch(mix):
+        return [t.numpy() for t in next(iter(batches(examples, 8, shuffle=True, seed=3, mix=mix)))]
+
+    plain_x, plain_y = first_batch(None)
+    x, y = first_batch(mixup(0.4, 1))
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    assert not np.isin(y, (0.0, 1.0)).all(), "labels were not mixed"
+    for i in range(8):  # each example: w * itself + (1 - w) * the example at the mirrored place
+        mine, theirs = plain_y[i].argmax(), plain_y[7 - i].argmax()  # one class per example
+        w = y[i, mine]
+        np.testing.assert_allclose(y[i, theirs], 1 - w, atol=1e-6)
+        np.testing.assert_allclose(x[i], w * plain_x[i] + (1 - w) * plain_x[7 - i], atol=1e-5)
+    again_x, again_y = first_batch(mixup(0.4, 1))
+    np.testing.assert_array_equal(x, again_x)
+    np.testing.assert_array_equal(y, again_y)
+
+
 def test_backbone_split_is_exact_and_shares_layers():
     params = params_for()
     model = models.build_transfer_model(params.model, 3)
@@ -195,6 +221,20 @@ def test_baseline_cosine_schedule_decays_to_zero_and_stem_stride_halves_the_map(
     result = baseline(tiny_set(), tiny_set(seed=60), constant)
     assert result.history["learning_rate"] == pytest.approx([0.01, 0.01])
     assert result.model.get_layer("block0_conv0").output.shape[1:3] == (32, 32)
+
+
+def test_finetune_cosine_schedule_warms_up_then_decays_to_zero_with_mixup(tmp_path):
+    params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-3, "epochs": 4, "patience": 0,
+                                  "lr_schedule": "cosine", "warmup_epochs": 1, "mixup": 0.4})
+    configure(params)
+    train, val = tiny_set(), tiny_set(seed=50)
+    trained_head = head(train, val, params, workdir=tmp_path)
+    result = finetune(trained_head.model, train, val, params, trained_head.activations, tmp_path)
+    rates = result.history["learning_rate"]  # the rate after each epoch's last step
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(0, abs=1e-9)
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == 4
+    assert training.finetune_rules(params.finetune).reduce_lr_patience == 0
+    assert np.isfinite(result.history["loss"]).all()
 
 
 def test_random_square_crop_keeps_size_and_a_large_part_of_each_image():
