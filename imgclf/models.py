@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import keras
@@ -55,8 +56,10 @@ def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
 
     def build() -> keras.Model:
         try:
-            return application(include_top=False, weights=None if weights == "none" else weights,
-                               input_shape=(image_size, image_size, 3))
+            with warnings.catch_warnings():  # MobileNetV2 at sizes it has no weights for: its 224 px ones, as meant
+                warnings.filterwarnings("ignore", message=".*will be loaded as the default", category=UserWarning)
+                return application(include_top=False, weights=None if weights == "none" else weights,
+                                   input_shape=(image_size, image_size, 3))
         except Exception as err:  # Keras reports a failed download as a bare Exception
             if "URL fetch failure" in str(err):
                 raise ConnectionError(str(err)) from None

@@ -194,8 +194,6 @@ class FinetuneParams:
         _non_negative(self.mixup, f"{key}.mixup")
         _choice(self.lr_schedule, f"{key}.lr_schedule", LR_SCHEDULES)
         _non_negative(self.warmup_epochs, f"{key}.warmup_epochs")
-        _check(not self.epochs or self.warmup_epochs < self.epochs, f"{key}.warmup_epochs",
-               f"must be less than {key}.epochs ({self.epochs}), got {self.warmup_epochs}")
         _check(self.cached_views >= 1, f"{key}.cached_views", f"must be >= 1, got {self.cached_views}")
         _non_negative(self.epochs, f"{key}.epochs")
         _positive(self.learning_rate, f"{key}.learning_rate")

@@ -133,12 +133,13 @@ def finetune_rules(finetune: FinetuneParams) -> TrainingRules:
 
 def finetune_learning_rate(finetune: FinetuneParams, steps_per_epoch: int):
     """``finetune.learning_rate``, or with ``lr_schedule: cosine`` a linear rise from 0 over
-    ``warmup_epochs`` (the freshly unfrozen layers start gently) and a cosine decay to 0 over the
-    remaining epochs."""
+    ``warmup_epochs`` (the freshly unfrozen layers start gently; at most all epochs but one) and
+    a cosine decay to 0 over the remaining epochs."""
     if finetune.lr_schedule == "constant" or not finetune.epochs:
         return finetune.learning_rate
-    warmup = finetune.warmup_epochs * steps_per_epoch
-    decay = (finetune.epochs - finetune.warmup_epochs) * steps_per_epoch
+    warmup_epochs = min(finetune.warmup_epochs, finetune.epochs - 1)
+    warmup = warmup_epochs * steps_per_epoch
+    decay = (finetune.epochs - warmup_epochs) * steps_per_epoch
     if not warmup:
         return keras.optimizers.schedules.CosineDecay(finetune.learning_rate, decay_steps=decay)
     return keras.optimizers.schedules.CosineDecay(0.0, decay_steps=decay, warmup_target=finetune.learning_rate,

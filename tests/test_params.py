@@ -14,7 +14,7 @@ def test_committed_params_load_with_documented_defaults():
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == "tfds" and params.data.name == "tf_flowers"
     assert (params.split.train, params.split.val, params.split.test) == (0.70, 0.15, 0.15)
-    assert params.model.backbone == "efficientnetb0" and params.model.image_size == 224
+    assert params.model.backbone == "efficientnetb0" and params.model.image_size == 288
     assert params.head.learning_rate == pytest.approx(1e-3)
     assert params.finetune.learning_rate == pytest.approx(3e-4)
 
@@ -38,7 +38,7 @@ def with_value(section, key, value) -> dict:
     ("finetune", "cached_views", 0, "finetune.cached_views: must be >= 1"),
     ("finetune", "mixup", -0.2, "finetune.mixup: must be >= 0"),
     ("finetune", "lr_schedule", "step", "finetune.lr_schedule: 'step' is not allowed; choose one of: cosine"),
-    ("finetune", "warmup_epochs", 8, "finetune.warmup_epochs: must be less than finetune.epochs (8), got 8"),
+    ("finetune", "warmup_epochs", -1, "finetune.warmup_epochs: must be >= 0"),
     ("baseline", "filters", [], "baseline.filters: must be a non-empty list"),
     ("baseline", "lr_schedule", "step", "baseline.lr_schedule: 'step' is not allowed; choose one of: cosine"),
     ("baseline", "stem_stride", 3, "baseline.stem_stride: must be 1 or 2"),
