@@ -52,17 +52,17 @@ def mixup(alpha: float, seed: int):
     """Mixup of a batch of ``(inputs, one-hot labels)``: each example blended with its mirror in
     the (shuffled) batch by a weight drawn from Beta(alpha, alpha), labels alike. On the cached
     activations of the frozen bottom it is manifold mixup: a regulariser for a top that otherwise
-    learns every training image by heart within a few epochs. Draws come from one seeded
-    generator, so a rerun mixes the same pairs with the same weights. None when ``alpha`` is 0."""
+    learns every training image by heart within a few epochs. The draws are a function of ``seed``
+    and the batch's number alone (no generator state), so a rerun mixes the same pairs with the same
+    weights. Returns ``mix(batch_number, inputs, labels)``, or None when ``alpha`` is 0."""
     if not alpha:
         return None
-    generator = tf.random.Generator.from_seed(seed + 5)
 
-    def mix(inputs, labels):
+    def mix(batch_number, inputs, labels):
         count = tf.shape(inputs)[0]
-        seeds = generator.make_seeds(2)
-        first = tf.random.stateless_gamma([count], seeds[:, 0], alpha)
-        second = tf.random.stateless_gamma([count], seeds[:, 1], alpha)
+        key = tf.stack([tf.constant(seed + 5, tf.int64), tf.cast(batch_number, tf.int64)])
+        first = tf.random.stateless_gamma([count], key, alpha)
+        second = tf.random.stateless_gamma([count], key + [0, 2**40], alpha)
         weight = first / tf.maximum(first + second, 1e-12)
         shape = tf.concat([[count], tf.ones([tf.rank(inputs) - 1], tf.int32)], 0)
         mixed = tf.reshape(weight, shape) * inputs + tf.reshape(1.0 - weight, shape) * tf.reverse(inputs, [0])

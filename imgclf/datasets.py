@@ -97,7 +97,7 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
     Only indices are shuffled (reshuffled every epoch); each batch's records are read in a
     parallel map. With the same seed the order equals that of shuffling the examples themselves.
     ``shard=(count, index)``: every ``count``-th index of that order from ``index`` on (one
-    worker's share, under multi-worker training). ``mix``: a function of a batch's inputs and
+    worker's share, under multi-worker training). ``mix``: a function of a batch's number, inputs and
     labels applied after ``augment`` (:func:`imgclf.augment.mixup`).
     """
     import tensorflow as tf
@@ -125,7 +125,7 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
         ds = ds.map(lambda *batch: (augment(batch[0], training=True), *batch[1:]) if labels
                     else augment(batch[0], training=True))
     if mix is not None and labels:
-        ds = ds.map(mix)  # in order, for the same reason
+        ds = ds.enumerate().map(lambda number, batch: mix(number, *batch))  # each batch its own draws
     # two batches ready are enough for a training step to never wait; an autotuned buffer grows
     # while the consumer waits (a busy machine) and held 20-60 MiB more after a 10,000-image epoch
     return ds.prefetch(2)
