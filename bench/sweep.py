@@ -12,12 +12,14 @@ confirm with `dvc exp run`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +56,8 @@ def main() -> None:
     parser.add_argument("--split", default=str(ROOT / "data" / "split"))
     parser.add_argument("--stage", choices=("finetune", "baseline"), default="finetune",
                         help="finetune: head then fine-tune (default); baseline: the CNN from scratch")
+    parser.add_argument("--average", type=int, nargs="*", default=[],
+                        help="also score the fine-tuned weights averaged over the last K epochs, for each K")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -91,8 +95,10 @@ def main() -> None:
         weights, head_seconds, head_val, head_test, acts, work = heads[head_key]
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
-        result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
-                                         params.seed, acts if params.finetune.cache_activations else None, work)
+        snapshots = []
+        with snapshots_of_each_epoch(snapshots):
+            result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
+                                             params.seed, acts if params.finetune.cache_activations else None, work)
         row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
                "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),
@@ -100,7 +106,30 @@ def main() -> None:
         if not params.train.tta:  # what test-time augmentation would give, at the cost of one more pass
             mirrored = params_from_dict(apply(base, overrides + ",train.tta=true"))
             row.update(val_tta=score(result.model, val, mirrored), test_tta=score(result.model, test, mirrored))
+        kept = result.model.get_weights()
+        for k in args.average:
+            if len(snapshots) >= k:
+                result.fitted_model.set_weights([np.mean(ws, axis=0) for ws in zip(*snapshots[-k:])])
+                row[f"average_last_{k}"] = {"val": score(result.model, val, params),
+                                            "test": score(result.model, test, params)}
+        result.model.set_weights(kept)
         print("RESULT " + json.dumps(row), flush=True)
+
+
+@contextlib.contextmanager
+def snapshots_of_each_epoch(into: list):
+    """Record the trained model's weights at the end of every epoch (before the rules act)."""
+    original = training.RulesCallback.on_epoch_end
+
+    def recording(self, epoch, logs=None):
+        into.append(self.model.get_weights())
+        original(self, epoch, logs)
+
+    training.RulesCallback.on_epoch_end = recording
+    try:
+        yield
+    finally:
+        training.RulesCallback.on_epoch_end = original
 
 
 if __name__ == "__main__":

@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --top-k must be >= 1", file=sys.stderr)
         return 2
     from .modelio import ModelFileError
+    from .project import limit_malloc_arenas
 
+    limit_malloc_arenas()
     try:
         return predict_files(Path(args.model), args.inputs, args.top_k, args.json, args.batch_size)
     except ModelFileError as error:

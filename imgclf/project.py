@@ -1,6 +1,7 @@
 """Where the project's files live. DVC runs every stage from the project root."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -106,10 +107,28 @@ def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc at two arenas for this process. By default it opens up to 8 per core
+    for the threads tf.data and LiteRT start, and batches freed across them stay resident: a
+    second pass over 2,250 images at 288 px grew the process by 0.6 GiB, by 0.1 GiB with two
+    arenas, at the same speed. Does nothing where the C library has no ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); an expected failure (:class:`StageError`, or a missing input file)
     ends it with one clear line and exit status 1. SIGTERM (``kill``, a scheduler stopping the
-    job) ends it as Ctrl-C does: its MLflow run closed as KILLED, exit status 130."""
+    job) ends it as Ctrl-C does: its MLflow run closed as KILLED, exit status 130. Memory:
+    :func:`limit_malloc_arenas`."""
+    limit_malloc_arenas()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()

@@ -54,6 +54,16 @@ def test_gradcam_on_nested_backbones():
         assert probs.shape == (3, 3)
 
 
+def test_heatmaps_do_not_depend_on_the_batch_size():
+    """The default batch (an inference pass's, small on a CPU to bound memory) changes no number."""
+    model = models.build_transfer_model(params_from_dict(tiny_params()).model, 3)
+    images = np.random.default_rng(1).integers(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    default_maps, default_probs = gradcam(model, images)
+    one_batch_maps, one_batch_probs = gradcam(model, images, batch_size=16)
+    np.testing.assert_allclose(default_maps, one_batch_maps, atol=1e-5)
+    np.testing.assert_allclose(default_probs, one_batch_probs, atol=1e-6)
+
+
 def test_pick_examples_mixes_right_and_wrong():
     labels = np.array([0, 0, 1, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.7, 0.3]])

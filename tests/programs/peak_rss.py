@@ -3,11 +3,13 @@
 import sys
 import numpy as np
 from imgclf import store, training
+from imgclf.project import limit_malloc_arenas
 from imgclf.datasets import ImageSet
 from imgclf.params import params_from_dict
 from conftest import tiny_params
 
 folder, mode = sys.argv[1], sys.argv[2]
+limit_malloc_arenas()  # as every stage does (run_stage)
 params = params_from_dict(tiny_params(baseline={"epochs": 1, "image_size": 128, "filters": [4]}))
 training.configure(params.seed, params.train)
 train, val = store.open_split(folder, "train", 128), store.open_split(folder, "val", 128)
