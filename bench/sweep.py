@@ -56,8 +56,8 @@ def main() -> None:
     parser.add_argument("--split", default=str(ROOT / "data" / "split"))
     parser.add_argument("--stage", choices=("finetune", "baseline"), default="finetune",
                         help="finetune: head then fine-tune (default); baseline: the CNN from scratch")
-    parser.add_argument("--average", type=int, nargs="*", default=[],
-                        help="also score the fine-tuned weights averaged over the last K epochs, for each K")
+    parser.add_argument("--average", type=lambda text: [int(k) for k in text.split(",")], default=[],
+                        help="K1,K2,...: also score the fine-tuned weights averaged over the last K epochs")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
