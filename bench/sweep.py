@@ -54,10 +54,14 @@ def score(model, subset, params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--split", default=str(ROOT / "data" / "split"))
-    parser.add_argument("--stage", choices=("finetune", "baseline"), default="finetune",
-                        help="finetune: head then fine-tune (default); baseline: the CNN from scratch")
+    parser.add_argument("--stage", choices=("finetune", "head", "baseline"), default="finetune",
+                        help="finetune: head then fine-tune (default); head: the head only; "
+                             "baseline: the CNN from scratch")
     parser.add_argument("--average", type=lambda text: [int(k) for k in text.split(",")], default=[],
                         help="K1,K2,...: also score the fine-tuned weights averaged over the last K epochs")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="folder: also write each fine-tuned model's val and test probabilities "
+                             "(<row>.npz), to score ensembles of rows afterwards")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -65,7 +69,7 @@ def main() -> None:
     split = Path(args.split)
     names = class_names(split)
     data, heads = {}, {}
-    for overrides in args.configs:
+    for index, overrides in enumerate(args.configs):
         params = params_from_dict(apply(base, overrides))
         size = params.baseline.image_size if args.stage == "baseline" else params.model.image_size
         if size not in data:
@@ -93,8 +97,16 @@ def main() -> None:
             heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),
                                score(result.model, test, params), acts, work)
         weights, head_seconds, head_val, head_test, acts, work = heads[head_key]
+        if args.stage == "head":
+            row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
+                   "head_test": head_test}
+            print("RESULT " + json.dumps(row), flush=True)
+            continue
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
+        if args.save:
+            head_probs = {f"head_{name}": predict_probs(model, subset, params.train.tta)
+                          for name, subset in (("val", val), ("test", test))}
         snapshots = []
         with snapshots_of_each_epoch(snapshots):
             result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
@@ -113,6 +125,12 @@ def main() -> None:
                 row[f"average_last_{k}"] = {"val": score(result.model, val, params),
                                             "test": score(result.model, test, params)}
         result.model.set_weights(kept)
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            np.savez(args.save / f"{index}.npz", overrides=overrides,
+                     val=predict_probs(result.model, val, params.train.tta), val_labels=val.labels,
+                     test=predict_probs(result.model, test, params.train.tta), test_labels=test.labels,
+                     **head_probs)
         print("RESULT " + json.dumps(row), flush=True)
 
 
