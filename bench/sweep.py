@@ -45,10 +45,18 @@ def apply(raw: dict, overrides: str) -> dict:
     return raw
 
 
-def score(model, subset, params) -> dict:
-    probs = predict_probs(model, subset, params.train.tta)
+def metrics_of(probs: np.ndarray, subset) -> dict:
     m = summary_metrics(Predictions(probs, subset.labels, subset.class_names))
     return {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)}
+
+
+def score(model, subset, params) -> dict:
+    return metrics_of(predict_probs(model, subset, params.train.tta), subset)
+
+
+def probabilities(model, val, test, params) -> dict:
+    """The model's val and test probabilities: scored in the row, and what --save writes."""
+    return {"val": predict_probs(model, val, params.train.tta), "test": predict_probs(model, test, params.train.tta)}
 
 
 def main() -> None:
@@ -94,9 +102,10 @@ def main() -> None:
             acts = compute_activations(backbone, cut, params.model.backbone, train, val, work / "acts")
             result = training.train_head_on_activations(acts, params.model, params.head, params.train,
                                                         params.seed, work)
-            heads[head_key] = (result.model.get_weights(), result.seconds, score(result.model, val, params),
-                               score(result.model, test, params), acts, work)
-        weights, head_seconds, head_val, head_test, acts, work = heads[head_key]
+            heads[head_key] = (result.model.get_weights(), result.seconds,
+                               probabilities(result.model, val, test, params), acts, work)
+        weights, head_seconds, head_probs, acts, work = heads[head_key]
+        head_val, head_test = metrics_of(head_probs["val"], val), metrics_of(head_probs["test"], test)
         if args.stage == "head":
             row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                    "head_test": head_test}
@@ -104,17 +113,15 @@ def main() -> None:
             continue
         model = training.models.build_transfer_model(params.model, len(names))
         model.set_weights(weights)
-        if args.save:
-            head_probs = {f"head_{name}": predict_probs(model, subset, params.train.tta)
-                          for name, subset in (("val", val), ("test", test))}
         snapshots = []
         with snapshots_of_each_epoch(snapshots):
             result = training.train_finetune(model, train, val, params.finetune, params.train, params.augment,
                                              params.seed, acts if params.finetune.cache_activations else None, work)
+        probs = probabilities(result.model, val, test, params)
         row = {"overrides": overrides, "head_seconds": round(head_seconds, 1), "head_val": head_val,
                "head_test": head_test, "finetune_seconds": round(result.seconds, 1),
-               "finetune_epochs": result.epochs_run, "val": score(result.model, val, params),
-               "test": score(result.model, test, params)}
+               "finetune_epochs": result.epochs_run, "val": metrics_of(probs["val"], val),
+               "test": metrics_of(probs["test"], test)}
         if not params.train.tta:  # what test-time augmentation would give, at the cost of one more pass
             mirrored = params_from_dict(apply(base, overrides + ",train.tta=true"))
             row.update(val_tta=score(result.model, val, mirrored), test_tta=score(result.model, test, mirrored))
@@ -127,10 +134,8 @@ def main() -> None:
         result.model.set_weights(kept)
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
-            np.savez(args.save / f"{index}.npz", overrides=overrides,
-                     val=predict_probs(result.model, val, params.train.tta), val_labels=val.labels,
-                     test=predict_probs(result.model, test, params.train.tta), test_labels=test.labels,
-                     **head_probs)
+            np.savez(args.save / f"{index}.npz", overrides=overrides, val_labels=val.labels,
+                     test_labels=test.labels, **probs, head_val=head_probs["val"], head_test=head_probs["test"])
         print("RESULT " + json.dumps(row), flush=True)
 
 
