@@ -89,7 +89,7 @@ def make_project(dest: Path, dataset: Path) -> Path:
     dest.mkdir(parents=True)
     for name in ("imgclf", "stages"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "corrections.csv", dest / "corrections.csv")
+    (dest / "corrections.csv").write_text("path,action,label\n")  # the committed one holds tf_flowers' fixes
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="folder", path=str(dataset))
     params["model"].update(backbone="mobilenetv2", weights="imagenet")

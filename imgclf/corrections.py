@@ -50,16 +50,23 @@ def read_corrections(path: Path) -> list[Correction]:
 
 
 def apply_corrections(classes: dict[str, list[Path]], corrections: list[Correction], raw_dir: Path,
-                      source: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+                      source: Path, *, subset: bool = False) -> tuple[dict[str, list[Path]], dict[str, int]]:
     """``classes`` (class -> image files under ``raw_dir``) with images excluded or moved to their
     new class; and the counts. A row naming an image that is not there, or an unknown class, stops
-    with a DataError naming ``source`` and the row."""
+    with a DataError naming ``source`` and the row; when ``raw_dir`` holds a capped subset of the data
+    (``data.max_per_class``), rows for images left out are skipped and counted instead."""
     out = {label: list(files) for label, files in classes.items()}
     where_is = {f"{label}/{file.name}": label for label, files in classes.items() for file in files}
-    counts = {"excluded": 0, "relabelled": 0}
+    if corrections and not subset and not any(item.path in where_is for item in corrections):
+        raise DataError(f"{source}: none of its {len(corrections)} rows names an image under {raw_dir}: made for "
+                        f"another data set? (for a new one, start from the header line alone: {','.join(COLUMNS)})")
+    counts = {"excluded": 0, "relabelled": 0, "skipped": 0}
     for item in corrections:
         where = f"{source}, line {item.row}"
         label = where_is.get(item.path)
+        if label is None and subset:
+            counts["skipped"] += 1
+            continue
         if label is None:
             raise DataError(f"{where}: no image {item.path} under {raw_dir} (paths are <class>/<file> as in "
                             "data/raw and reports/audit/label_issues.csv)")

@@ -13,7 +13,7 @@ def main() -> None:
     corrections_file = layout.root / params.split.corrections  # an absolute path stays as it is
     corrections = read_corrections(corrections_file)
     classes, corrected = apply_corrections(list_class_images(layout.raw), corrections, layout.raw,
-                                           corrections_file)
+                                           corrections_file, subset=params.data.max_per_class > 0)
     with tracking.stage_run("split", params, layout.root) as run:
         assignments = assign(classes, params.split, params.seed, read_groups(layout.raw))
         counts = write_split(assignments, layout.split)

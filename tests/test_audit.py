@@ -10,7 +10,7 @@ from imgclf.corrections import apply_corrections, read_corrections
 from imgclf.params import AuditParams
 from imgclf.errors import DataError
 from imgclf.split import list_class_images
-from conftest import make_folder
+from conftest import ROOT, make_folder
 
 CLASSES = ["daisy", "roses", "tulips"]
 PARAMS = AuditParams(folds=5, gallery_size=8, copy_similarity=0.99)
@@ -97,24 +97,53 @@ def test_corrections_exclude_and_relabel(tmp_path):
     file = write_corrections(tmp_path / "corrections.csv", [["class_0/img_001.jpg", "exclude", ""],
                                                              ["class_1/img_002.jpg", "relabel", "class_2"]])
     classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
-    assert counts == {"excluded": 1, "relabelled": 1}
+    assert counts == {"excluded": 1, "relabelled": 1, "skipped": 0}
     assert raw / "class_0/img_001.jpg" not in classes["class_0"] and len(classes["class_0"]) == 3
     assert raw / "class_1/img_002.jpg" in classes["class_2"] and len(classes["class_2"]) == 5
     assert len(classes["class_1"]) == 3
 
 
 @pytest.mark.parametrize("row,message", [
-    (["class_0/nope.jpg", "exclude", ""], "line 2: no image class_0/nope.jpg under"),
-    (["class_0/img_001.jpg", "relabel", "class_9"], "line 2: unknown class 'class_9'"),
-    (["class_0/img_001.jpg", "delete", ""], "line 2: unknown action 'delete'; use one of: exclude, relabel"),
-    (["class_0/img_001.jpg", "relabel", ""], "line 2: relabel needs the new class"),
+    (["class_0/nope.jpg", "exclude", ""], "line 3: no image class_0/nope.jpg under"),
+    (["class_0/img_001.jpg", "relabel", "class_9"], "line 3: unknown class 'class_9'"),
+    (["class_0/img_001.jpg", "delete", ""], "line 3: unknown action 'delete'; use one of: exclude, relabel"),
+    (["class_0/img_001.jpg", "relabel", ""], "line 3: relabel needs the new class"),
 ])
 def test_a_bad_row_stops_with_one_line_naming_it(tmp_path, row, message):
     raw = make_folder(tmp_path / "raw", classes=2, per_class=3)
-    file = write_corrections(tmp_path / "corrections.csv", [row])
+    file = write_corrections(tmp_path / "corrections.csv", [["class_1/img_000.jpg", "exclude", ""], row])
     with pytest.raises(DataError, match=message) as err:
         apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
     assert str(file) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_file_made_for_another_data_set_is_named_as_such(tmp_path):
+    raw = make_folder(tmp_path / "raw", classes=2, per_class=3)
+    file = write_corrections(tmp_path / "corrections.csv", [["tulips/a.jpg", "exclude", ""],
+                                                             ["roses/b.jpg", "relabel", "tulips"]])
+    with pytest.raises(DataError, match=r"none of its 2 rows names an image under .*made for another data set\? "
+                                        r"\(for a new one, start from the header line alone: path,action,label\)"):
+        apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
+
+
+def test_a_capped_subset_skips_the_rows_of_images_it_left_out(tmp_path):
+    raw = make_folder(tmp_path / "raw", classes=2, per_class=3)
+    file = write_corrections(tmp_path / "corrections.csv", [["class_0/img_001.jpg", "exclude", ""],
+                                                             ["class_0/img_007.jpg", "relabel", "class_1"],
+                                                             ["class_1/img_009.jpg", "exclude", ""]])
+    classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file, subset=True)
+    assert counts == {"excluded": 1, "relabelled": 0, "skipped": 2}
+    assert [f.name for f in classes["class_0"]] == ["img_000.jpg", "img_002.jpg"] and len(classes["class_1"]) == 3
+    with pytest.raises(DataError, match="line 3: no image class_0/img_007.jpg under"):
+        apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
+
+
+def test_the_committed_corrections_are_well_formed_tf_flowers_rows():
+    """The reviewed fixes of tf_flowers that the default run applies (docs/audit.md)."""
+    rows = read_corrections(ROOT / "corrections.csv")
+    classes = {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
+    assert rows and all(row.path.split("/")[0] in classes and row.path.endswith(".jpg") for row in rows)
+    assert all(row.label in classes and row.label != row.path.split("/")[0] for row in rows if row.action == "relabel")
 
 
 def test_a_file_without_the_header_is_refused(tmp_path):

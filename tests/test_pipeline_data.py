@@ -77,14 +77,23 @@ def test_corrections_are_a_dependency_that_the_split_stage_applies(tmp_path):
     result = dvc(project, "repro", "split")
     assert "1 excluded, 1 relabelled" in result.stdout
     summary = json.loads((project / "reports/split/summary.json").read_text())
-    assert summary["corrections"] == {"excluded": 1, "relabelled": 1}
+    assert summary["corrections"] == {"excluded": 1, "relabelled": 1, "skipped": 0}
     assert [sum(summary[s][c] for s in ("train", "val", "test")) for c in ("class_0", "class_1", "class_2")] == [9, 9, 11]
     with (project / "data/split/manifest.csv").open() as fh:
         rows = {row["source"]: row for row in csv.DictReader(fh)}
     assert rows[moved]["label"] == "class_2" and dropped not in rows
 
-    corrections.write_text("path,action,label\nclass_0/nope.jpg,exclude,\n")
+    corrections.write_text(f"path,action,label\n{moved},relabel,class_2\nclass_0/nope.jpg,exclude,\n")
     failed = dvc(project, "repro", "split", check=False)
     assert failed.returncode != 0
-    assert f"error: {corrections}, line 2: no image class_0/nope.jpg under" in failed.stderr
+    assert f"error: {corrections}, line 3: no image class_0/nope.jpg under" in failed.stderr
     assert "Traceback" not in failed.stdout + failed.stderr
+
+    # a quick run on a capped subset (data.max_per_class) skips the rows of the images it left out
+    corrections.write_text(f"path,action,label\n{moved},relabel,class_2\n{dropped},exclude,\n")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["max_per_class"] = 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(project, "repro", "split")
+    summary = json.loads((project / "reports/split/summary.json").read_text())
+    assert sum(summary["corrections"].values()) == 2 and summary["corrections"]["skipped"] >= 1
