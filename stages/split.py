@@ -19,9 +19,11 @@ def main() -> None:
         counts = write_split(assignments, layout.split)
         write_json(layout.summary("split"), {**counts, "corrections": corrected})
         run.log_metrics({**{f"{split}_images": c["total"] for split, c in counts.items()}, **corrected})
-    print("split: " + ", ".join(f"{s}={c['total']}" for s, c in counts.items())
-          + (f" (corrections: {corrected['excluded']} excluded, {corrected['relabelled']} relabelled)"
-             if corrections else ""))
+    note = ""
+    if corrections:
+        note = f" (corrections: {corrected['excluded']} excluded, {corrected['relabelled']} relabelled"
+        note += f", {corrected['skipped']} skipped: not in this capped subset)" if corrected["skipped"] else ")"
+    print("split: " + ", ".join(f"{s}={c['total']}" for s, c in counts.items()) + note)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def test_corrections_are_a_dependency_that_the_split_stage_applies(tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["data"]["max_per_class"] = 2
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc(project, "repro", "split")
+    result = dvc(project, "repro", "split")
     summary = json.loads((project / "reports/split/summary.json").read_text())
     assert sum(summary["corrections"].values()) == 2 and summary["corrections"]["skipped"] >= 1
+    assert f"{summary['corrections']['skipped']} skipped: not in this capped subset)" in result.stdout
