@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import tempfile
@@ -70,13 +71,16 @@ def main() -> None:
     parser.add_argument("--save", type=Path, default=None,
                         help="folder: also write each fine-tuned model's val and test probabilities "
                              "(<row>.npz), to score ensembles of rows afterwards")
+    parser.add_argument("--soup", action="store_true",
+                        help="also score the fine-tuned weights of every two or more rows that share a head, "
+                             "averaged (one model), beside their probabilities averaged (an ensemble)")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["model"].update(backbone="mobilenetv2", weights="imagenet")
     split = Path(args.split)
     names = class_names(split)
-    data, heads = {}, {}
+    data, heads, tops = {}, {}, []
     for index, overrides in enumerate(args.configs):
         params = params_from_dict(apply(base, overrides))
         size = params.baseline.image_size if args.stage == "baseline" else params.model.image_size
@@ -132,11 +136,30 @@ def main() -> None:
                 row[f"average_last_{k}"] = {"val": score(result.model, val, params),
                                             "test": score(result.model, test, params)}
         result.model.set_weights(kept)
+        if args.soup:
+            tops.append((index, head_key, kept, probs))
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             np.savez(args.save / f"{index}.npz", overrides=overrides, val_labels=val.labels,
                      test_labels=test.labels, **probs, head_val=head_probs["val"], head_test=head_probs["test"])
         print("RESULT " + json.dumps(row), flush=True)
+    if tops:
+        score_soups(tops, result.model, val, test, params)
+
+
+def score_soups(tops: list, model, val, test, params) -> None:
+    """Every combination of two or more fine-tuned rows with the same head: their weights averaged
+    into one model (a soup) and their probabilities averaged (an ensemble), on val and test."""
+    for size in range(2, len(tops) + 1):
+        for group in itertools.combinations(tops, size):
+            if len({head_key for _, head_key, _, _ in group}) > 1:
+                continue
+            model.set_weights([np.mean(ws, axis=0) for ws in zip(*(weights for _, _, weights, _ in group))])
+            mean_probs = {s: np.mean([probs[s] for *_, probs in group], axis=0) for s in ("val", "test")}
+            row = {"rows": [index for index, *_ in group], "soup_val": score(model, val, params),
+                   "soup_test": score(model, test, params), "ensemble_val": metrics_of(mean_probs["val"], val),
+                   "ensemble_test": metrics_of(mean_probs["test"], test)}
+            print("SOUP " + json.dumps(row), flush=True)
 
 
 @contextlib.contextmanager

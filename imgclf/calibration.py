@@ -4,6 +4,8 @@ One scalar T is fitted on the validation split (the T that minimises the negativ
 log-likelihood of ``softmax(logits / T)``) and folded into the last Dense layer
 (``W / T``, ``b / T``): no new layer, the same saved-model format, the same argmax, so
 accuracy does not change. Label smoothing leaves models under-confident (T < 1 sharpens).
+An ensemble (the mean of several members' probabilities) gets one T, fitted on that mean and folded
+into every member's last layer.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 from .datasets import Examples, batches
 from .evaluation import expected_calibration_error
 from .inference import inference_batch_size
+from .models import ensemble_members
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -21,17 +24,25 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+def nll(logits: np.ndarray | list[np.ndarray], labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of ``softmax(logits / T)``; given a list of members' logits, of
+    the mean of their softmaxes (an ensemble)."""
+    if isinstance(logits, list):
+        if len(logits) > 1:
+            probs = np.mean([softmax(z / temperature) for z in logits], axis=0)
+            return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None)).mean())
+        logits = logits[0]
     scaled = logits / temperature
     shifted = scaled - scaled.max(axis=1, keepdims=True)
     log_norm = np.log(np.exp(shifted).sum(axis=1))
     return float((log_norm - shifted[np.arange(len(labels)), labels]).mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
-    """The T in [low, high] minimising the NLL. The NLL is convex in 1/T, so a golden-section
-    search over 1/T finds the minimum."""
-    logits = logits.astype(np.float64)
+def fit_temperature(logits: np.ndarray | list[np.ndarray], labels: np.ndarray, low: float = 0.05,
+                    high: float = 20.0) -> float:
+    """The T in [low, high] minimising the NLL. The NLL is convex in 1/T (for one model), so a
+    golden-section search over 1/T finds the minimum."""
+    logits = [z.astype(np.float64) for z in logits] if isinstance(logits, list) else logits.astype(np.float64)
     ratio = (np.sqrt(5) - 1) / 2
     a, b = 1 / high, 1 / low  # inverse temperatures
     c, d = b - ratio * (b - a), a + ratio * (b - a)
@@ -77,18 +88,25 @@ def _pre_logits(model: keras.Model) -> keras.Model:
 
 
 def fold_temperature(model: keras.Model, temperature: float) -> None:
-    """Divide the last layer's weights by ``temperature`` (1 / temperature undoes it)."""
-    layer = output_layer(model)
-    layer.set_weights([w / temperature for w in layer.get_weights()])
+    """Divide the last layer's weights by ``temperature`` (1 / temperature undoes it); in an
+    ensemble, every member's."""
+    for member in ensemble_members(model):
+        layer = output_layer(member)
+        layer.set_weights([w / temperature for w in layer.get_weights()])
+
+
+def probabilities(member_logits: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """What a model (one member) or an ensemble (the mean) serves for these logits at ``temperature``."""
+    return np.mean([softmax(z / temperature) for z in member_logits], axis=0)
 
 
 def calibrate(model: keras.Model, val: Examples, bins: int = 10) -> dict[str, float]:
-    """Fit T on the validation examples, fold it into ``model``; return T and the validation
-    NLL and ECE before and after."""
-    z = logits(model, val)
+    """Fit T on the validation examples, fold it into ``model`` (every member of an ensemble);
+    return T and the validation NLL and ECE before and after."""
+    z = [logits(member, val) for member in ensemble_members(model)]
     temperature = fit_temperature(z, val.labels)
     fold_temperature(model, temperature)
-    before, after = softmax(z), softmax(z / temperature)
+    before, after = probabilities(z), probabilities(z, temperature)
     return {"temperature": round(temperature, 6),
             "val_nll_uncalibrated": round(nll(z, val.labels, 1.0), 6),
             "val_nll_calibrated": round(nll(z, val.labels, temperature), 6),
@@ -97,5 +115,6 @@ def calibrate(model: keras.Model, val: Examples, bins: int = 10) -> dict[str, fl
 
 
 def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """The probabilities before a folded temperature: ``softmax(T * log p)``."""
+    """The probabilities before a folded temperature: ``softmax(T * log p)`` (exact for one model;
+    for an ensemble, which averages after the softmax, the nearest this can say from ``probs``)."""
     return softmax(temperature * np.log(np.clip(probs.astype(np.float64), 1e-30, 1.0)))

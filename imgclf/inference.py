@@ -26,6 +26,7 @@ import numpy as np
 
 from .datasets import Examples, ImageSet, batches
 from .errors import StageError
+from .models import ensemble_members
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
@@ -191,7 +192,10 @@ def litert_interpreter(path: Path, input_shape: tuple[int, ...]):
 
 
 def is_classifier(model: keras.Model) -> bool:
-    """Ends in a softmax: its outputs are class probabilities."""
+    """Ends in a softmax (or averages models that do): its outputs are class probabilities."""
+    members = ensemble_members(model)
+    if members != [model]:
+        return all(is_classifier(member) for member in members)
     return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
 
 

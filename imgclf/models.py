@@ -1,7 +1,9 @@
 """Model builders (functional API). Every model takes raw RGB pixels in 0..255.
 
 Top-level models are linear chains of layers, which Grad-CAM relies on:
-``image -> preprocessing -> backbone -> avg_pool -> head_dropout -> [head_hidden] -> predictions``.
+``image -> preprocessing -> backbone -> avg_pool -> head_dropout -> [head_hidden] -> predictions``,
+or for an ensemble of fine-tuned tops
+``image -> preprocessing -> backbone_bottom -> ensemble (members' probabilities averaged)``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .params import BaselineParams, ModelParams
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "avg_pool"
 OUTPUT_LAYER = "predictions"
+ENSEMBLE_LAYER = "ensemble"
 # ImageNet channel means in BGR order (caffe-style preprocessing of ResNet50).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -227,6 +230,39 @@ def top_classifier(model: keras.Model, top: keras.Model) -> keras.Model:
     for layer in model.layers[names.index(POOL_LAYER):]:
         x = layer(x)
     return keras.Model(inputs, x, name="top_classifier")
+
+
+def copy_of(model: keras.Model, name: str) -> keras.Model:
+    """A copy of ``model`` with layers (and weights) of its own."""
+    copy = keras.models.clone_model(model, recursive=True)
+    copy.set_weights(model.get_weights())
+    copy.name = name
+    return copy
+
+
+def build_ensemble(model: keras.Model, bottom: keras.Model, members: list[keras.Model]) -> keras.Model:
+    """One image model serving several fine-tuned tops: ``model``'s preprocessing, the frozen
+    ``bottom`` of its backbone once, and the mean of the ``members``' probabilities (each member
+    takes the bottom's activations, as :func:`top_classifier` does)."""
+    activations = keras.Input(bottom.output.shape[1:], name="activations")
+    mean = layers.Average(name="mean_probabilities")([member(activations) for member in members])
+    ensemble = keras.Model(activations, mean, name=ENSEMBLE_LAYER)
+    inputs = keras.Input(model.input.shape[1:], name="image")
+    x = inputs
+    if "preprocessing" in [layer.name for layer in model.layers]:
+        x = model.get_layer("preprocessing")(x)
+    return keras.Model(inputs, ensemble(bottom(x, training=False)), name=f"{model.name}_ensemble")
+
+
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The models whose probabilities ``model`` averages (an ensemble, or an image model ending in
+    one), or ``[model]``."""
+    last = model.layers[-1]
+    if isinstance(last, layers.Average):
+        return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if isinstance(last, keras.Model) and last.name == ENSEMBLE_LAYER:
+        return ensemble_members(last)
+    return [model]
 
 
 def count_params(model: keras.Model) -> dict[str, int]:

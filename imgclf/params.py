@@ -189,9 +189,14 @@ class FinetuneParams:
     mixup: float
     lr_schedule: str
     warmup_epochs: int
+    members: int
 
     def validate(self, key: str) -> None:
         _non_negative(self.mixup, f"{key}.mixup")
+        _check(self.members >= 1, f"{key}.members", f"must be >= 1, got {self.members}")
+        _check(self.members == 1 or self.cache_activations, f"{key}.members",
+               f"{self.members} members are fine-tuned on the cached activations: "
+               f"set {key}.cache_activations: true, or members: 1")
         _choice(self.lr_schedule, f"{key}.lr_schedule", LR_SCHEDULES)
         _non_negative(self.warmup_epochs, f"{key}.warmup_epochs")
         _check(self.cached_views >= 1, f"{key}.cached_views", f"must be >= 1, got {self.cached_views}")

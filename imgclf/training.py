@@ -19,7 +19,7 @@ from .activations import Activations, compute_outputs
 from .augment import augmentation, mixup
 from .datasets import Examples, batches
 from .errors import DataError
-from .inference import runner_for
+from .inference import inference_batch_size, runner_for
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
@@ -246,8 +246,11 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     Given the cached ``activations`` of the frozen bottom (the stage passes them when
     ``finetune.cache_activations`` is on), only the unfrozen top and the head train, on them, each
     epoch on one view of every image: the original, or one of ``cached_views - 1`` augmented
-    copies (computed here, into ``workdir``). Without them, the whole model runs every step with
-    fresh augmentation on ``train_set``/``val_set`` (images).
+    copies (computed here, into ``workdir``). With ``finetune.members`` above 1, that many tops train
+    from the head, one after the other, and the result is one image model averaging their
+    probabilities over the shared bottom (:func:`imgclf.models.build_ensemble`). Without the
+    activations, the whole model runs every step with fresh augmentation on ``train_set``/``val_set``
+    (images).
     """
     batch = train.batch_size
     bottom, top, first = models.split_backbone(models.find_backbone(model), finetune.unfreeze_layers)
@@ -277,12 +280,53 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     extract_seconds = time.perf_counter() - started
     classifier = models.top_classifier(model, top)
     steps = int(np.ceil(len(activations.train) / batch))  # an epoch = one view of every image, on average
-    _compile(classifier, finetune_learning_rate(finetune, steps), train.label_smoothing)
-    history, fit_seconds = fit(classifier, _Views(views), activations.val, train, finetune_rules(finetune), seed,
-                               steps_per_epoch=steps, on_epoch=on_epoch, mix=mixup(finetune.mixup, seed))
+    start_weights = classifier.get_weights() if finetune.members > 1 else None
+    members, history, fit_seconds = [], {}, 0.0
+    for index in range(finetune.members):  # each member from the head, on its own shuffling and dropout
+        if index:
+            classifier.set_weights(start_weights)
+        _compile(classifier, finetune_learning_rate(finetune, steps), train.label_smoothing)
+        member_history, seconds = fit(classifier, _Views(views), activations.val, train, finetune_rules(finetune),
+                                      seed + index, steps_per_epoch=steps, mix=mixup(finetune.mixup, seed + index),
+                                      on_epoch=member_hook(on_epoch, index))
+        fit_seconds += seconds
+        if index == 0:
+            history = member_history
+        else:
+            numbers.update(member_numbers(member_history, index))
+        if finetune.members > 1:
+            members.append(models.copy_of(classifier, f"member_{index + 1}"))
     numbers["activation_seconds"] = round(extract_seconds, 2)  # extra views only: the rest were cached
-    return TrainResult(model, history, extract_seconds + fit_seconds, numbers,
-                       fitted_model=classifier, fitted_val_set=activations.val)
+    if not members:
+        return TrainResult(model, history, extract_seconds + fit_seconds, numbers,
+                           fitted_model=classifier, fitted_val_set=activations.val)
+    ensemble = models.build_ensemble(model, bottom, members)
+    fitted = ensemble.get_layer(models.ENSEMBLE_LAYER)
+    numbers.update(members=len(members), ensemble_val_accuracy=round(accuracy(fitted, activations.val), 6))
+    return TrainResult(ensemble, history, extract_seconds + fit_seconds, numbers,
+                       fitted_model=fitted, fitted_val_set=activations.val)
+
+
+def member_hook(on_epoch: EpochHook | None, index: int) -> EpochHook | None:
+    """The epoch hook of ensemble member ``index`` (0-based): the first member's curves keep the
+    plain names, the others' are named ``member<N>_<metric>``."""
+    if on_epoch is None or index == 0:
+        return on_epoch
+    return lambda epoch, logs: on_epoch(epoch, {f"member{index + 1}_{key}": value for key, value in logs.items()})
+
+
+def member_numbers(history: dict[str, list[float]], index: int) -> dict[str, float]:
+    """An ensemble member's epochs run and its kept epoch's validation numbers (the first member's
+    are the phase's own)."""
+    kept = int(np.argmin(history["val_loss"]))
+    return {f"member{index + 1}_epochs_run": len(history["val_loss"]), f"member{index + 1}_best_epoch": kept + 1,
+            f"member{index + 1}_val_accuracy": round(history["val_accuracy"][kept], 6)}
+
+
+def accuracy(model: keras.Model, examples: Examples) -> float:
+    """Top-1 accuracy of ``model`` on ``examples`` (whatever it takes), in one streamed pass."""
+    probs = model.predict(batches(examples, inference_batch_size(examples.record_shape), labels=False), verbose=0)
+    return float(np.mean(probs.argmax(axis=1) == examples.labels))
 
 
 def runtime_numbers(name: str, report: dict) -> dict[str, float]:
@@ -302,7 +346,8 @@ def calibrate_result(result: TrainResult, enabled: bool) -> float:
     started = time.perf_counter()
     fitted_model = result.fitted_model or result.model
     fitted = calibration.calibrate(fitted_model, result.fitted_val_set)
-    if calibration.output_layer(fitted_model) is not calibration.output_layer(result.model):
+    fitted_outputs = [calibration.output_layer(m) for m in models.ensemble_members(fitted_model)]
+    if fitted_outputs != [calibration.output_layer(m) for m in models.ensemble_members(result.model)]:
         calibration.fold_temperature(result.model, fitted["temperature"])
     result.numbers.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
     return fitted["temperature"]

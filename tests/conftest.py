@@ -55,7 +55,7 @@ def tiny_params(**sections) -> dict:
     params["model"].update(backbone="mobilenetv2", weights="none", image_size=32)
     params["baseline"].update(image_size=32, epochs=1, filters=[8, 16])
     params["head"].update(epochs=1)
-    params["finetune"].update(epochs=1, unfreeze_layers=5)
+    params["finetune"].update(epochs=1, unfreeze_layers=5, members=1)  # tests of members set them
     params["train"].update(batch_size=8)
     params["gradcam"].update(num_images=4)
     params["evaluate"].update(gallery_size=4)

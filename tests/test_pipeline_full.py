@@ -278,7 +278,8 @@ def test_repro_is_tracked_as_one_parent_with_a_child_per_stage(project):
 
 
 def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
-    dvc(project, "exp", "run", "-n", "finetune-2-epochs", "-S", "finetune.epochs=2")
+    # two fine-tuned members served as one model, through evaluate, Grad-CAM and the export's parity check
+    dvc(project, "exp", "run", "-n", "finetune-2-epochs", "-S", "finetune.epochs=2", "-S", "finetune.members=2")
     dvc(project, "exp", "run", "-n", "efficientnetb0-run", "-S", "model.backbone=efficientnetb0")
     table = json.loads(dvc(project, "exp", "show", "--json").stdout)
     names = {e.get("name") for rev in table for e in rev.get("experiments") or [] for e in e.get("revs", [])}
@@ -315,8 +316,9 @@ def test_two_experiments_are_compared_in_dvc_and_mlflow(project):
         assert parent[0].data.params["model.backbone"] == backbone
         assert "finetune_accuracy" in parent[0].data.metrics
     # only the stages that depend on the changed param ran for the epochs experiment
-    stages = {c.data.tags["stage"] for c in by_exp["finetune-2-epochs"] if c.data.tags.get("stage")}
-    assert not stages & {"head", "baseline", "activations", "store@transfer"} and "finetune" in stages
+    stages = {c.data.tags["stage"]: c for c in by_exp["finetune-2-epochs"] if c.data.tags.get("stage")}
+    assert not set(stages) & {"head", "baseline", "activations", "store@transfer"} and "finetune" in stages
+    assert stages["finetune"].data.metrics["members"] == 2 and {"gradcam", "export"} <= set(stages)
 
 
 def test_push_clone_pull_round_trip(project, tmp_path):

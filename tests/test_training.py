@@ -300,3 +300,57 @@ def test_the_kept_weights_are_those_of_the_reported_epoch():
 
     loss = result.model.evaluate(batches(val, 8), verbose=0, return_dict=True)["loss"]
     assert loss == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+def test_finetune_members_train_apart_and_serve_as_one_calibrated_model(tmp_path):
+    """``finetune.members: 2``: two tops trained from the same head, one image model averaging their
+    probabilities over the shared frozen bottom; calibration folds one temperature into both; the
+    saved file loads in safe mode and predicts the same; Grad-CAM explains it."""
+    from imgclf import calibration
+    from imgclf.gradcam import gradcam, split_at_feature_map
+
+    params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "epochs": 2, "members": 2})
+    configure(params)
+    train, val = tiny_set(), tiny_set(seed=50)
+    trained_head = head(train, val, params, workdir=tmp_path)
+    result = finetune(trained_head.model, train, val, params, trained_head.activations, tmp_path)
+
+    model = result.model
+    assert [layer.name for layer in model.layers][1:] == ["preprocessing", "backbone_bottom", "ensemble"]
+    first, second = models.ensemble_members(model)
+    assert [first.name, second.name] == ["member_1", "member_2"]
+    assert not any(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights())
+                   if a.ndim == 4), "the members' unfrozen convolutions should differ"
+    assert result.numbers["members"] == 2 and result.numbers["member2_epochs_run"] == 2
+    assert 0 <= result.numbers["ensemble_val_accuracy"] <= 1
+    x = val.images[:6].astype("float32")
+    bottom = model.get_layer("backbone_bottom")
+    acts = bottom(model.get_layer("preprocessing")(x))
+    np.testing.assert_allclose(model(x), (first(acts) + second(acts)) / 2, rtol=1e-5, atol=1e-6)
+
+    before = [calibration.logits(m, trained_head.activations.val) for m in (first, second)]
+    temperature = training.calibrate_result(result, True)
+    assert temperature != 1.0
+    for member, z in zip((first, second), before):  # one T folded into each member, once
+        np.testing.assert_allclose(calibration.logits(member, trained_head.activations.val), z / temperature,
+                                   rtol=1e-4, atol=1e-4)
+    expected = calibration.probabilities([calibration.logits(m, trained_head.activations.val)
+                                          for m in (first, second)])
+    np.testing.assert_allclose(model.predict(val.images.astype("float32"), verbose=0), expected, atol=1e-5)
+
+    path = tmp_path / "finetune.keras"
+    save_model(model, path, info(train.class_names, stage="finetune"))
+    reloaded, _ = load_model(path)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert split_at_feature_map(reloaded)[0][-1].name == "backbone_bottom"  # the map both members see
+    heatmaps, probs = gradcam(reloaded, x)
+    assert heatmaps.shape == (6, 32, 32) and np.isfinite(heatmaps).all()
+    assert heatmaps.min() >= 0 and heatmaps.max() <= 1
+    np.testing.assert_allclose(probs, model.predict(x, verbose=0), rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_members_need_the_cached_activations():
+    from imgclf.params import ParamsError
+
+    with pytest.raises(ParamsError, match="finetune.members"):
+        params_for(finetune={"members": 2, "cache_activations": False})
