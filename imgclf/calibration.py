@@ -14,8 +14,7 @@ import numpy as np
 
 from .datasets import Examples, batches
 from .evaluation import expected_calibration_error
-from .inference import inference_batch_size
-from .models import ensemble_members
+from .inference import ensemble_members, inference_batch_size
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,7 +26,6 @@ import numpy as np
 
 from .datasets import Examples, ImageSet, batches
 from .errors import StageError
-from .models import ensemble_members
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
@@ -191,10 +190,21 @@ def litert_interpreter(path: Path, input_shape: tuple[int, ...]):
     return interpreter
 
 
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The models whose probabilities ``model`` averages (an ensemble of fine-tuned tops, or an image
+    model ending in one: :func:`imgclf.models.build_ensemble`), or ``[model]``."""
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Average):
+        return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if isinstance(last, keras.Model) and isinstance(last.layers[-1], keras.layers.Average):
+        return ensemble_members(last)
+    return [model]
+
+
 def is_classifier(model: keras.Model) -> bool:
     """Ends in a softmax (or averages models that do): its outputs are class probabilities."""
     members = ensemble_members(model)
-    if members != [model]:
+    if members[0] is not model:
         return all(is_classifier(member) for member in members)
     return getattr(model.layers[-1], "activation", None) is keras.activations.softmax
 

@@ -254,17 +254,6 @@ def build_ensemble(model: keras.Model, bottom: keras.Model, members: list[keras.
     return keras.Model(inputs, ensemble(bottom(x, training=False)), name=f"{model.name}_ensemble")
 
 
-def ensemble_members(model: keras.Model) -> list[keras.Model]:
-    """The models whose probabilities ``model`` averages (an ensemble, or an image model ending in
-    one), or ``[model]``."""
-    last = model.layers[-1]
-    if isinstance(last, layers.Average):
-        return [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if isinstance(last, keras.Model) and last.name == ENSEMBLE_LAYER:
-        return ensemble_members(last)
-    return [model]
-
-
 def count_params(model: keras.Model) -> dict[str, int]:
     trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
     total = sum(math.prod(w.shape) for w in model.weights)

@@ -19,7 +19,7 @@ from .activations import Activations, compute_outputs
 from .augment import augmentation, mixup
 from .datasets import Examples, batches
 from .errors import DataError
-from .inference import inference_batch_size, runner_for
+from .inference import ensemble_members, inference_batch_size, runner_for
 from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
@@ -346,8 +346,8 @@ def calibrate_result(result: TrainResult, enabled: bool) -> float:
     started = time.perf_counter()
     fitted_model = result.fitted_model or result.model
     fitted = calibration.calibrate(fitted_model, result.fitted_val_set)
-    fitted_outputs = [calibration.output_layer(m) for m in models.ensemble_members(fitted_model)]
-    if fitted_outputs != [calibration.output_layer(m) for m in models.ensemble_members(result.model)]:
+    fitted_outputs = [calibration.output_layer(m) for m in ensemble_members(fitted_model)]
+    if fitted_outputs != [calibration.output_layer(m) for m in ensemble_members(result.model)]:
         calibration.fold_temperature(result.model, fitted["temperature"])
     result.numbers.update(fitted, calibration_seconds=round(time.perf_counter() - started, 2))
     return fitted["temperature"]

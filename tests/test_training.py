@@ -308,6 +308,7 @@ def test_finetune_members_train_apart_and_serve_as_one_calibrated_model(tmp_path
     saved file loads in safe mode and predicts the same; Grad-CAM explains it."""
     from imgclf import calibration
     from imgclf.gradcam import gradcam, split_at_feature_map
+    from imgclf.inference import ensemble_members
 
     params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "epochs": 2, "members": 2})
     configure(params)
@@ -317,7 +318,7 @@ def test_finetune_members_train_apart_and_serve_as_one_calibrated_model(tmp_path
 
     model = result.model
     assert [layer.name for layer in model.layers][1:] == ["preprocessing", "backbone_bottom", "ensemble"]
-    first, second = models.ensemble_members(model)
+    first, second = ensemble_members(model)
     assert [first.name, second.name] == ["member_1", "member_2"]
     assert not any(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights())
                    if a.ndim == 4), "the members' unfrozen convolutions should differ"
