@@ -317,7 +317,9 @@ def member_hook(on_epoch: EpochHook | None, index: int) -> EpochHook | None:
 
 def member_numbers(history: dict[str, list[float]], index: int) -> dict[str, float]:
     """An ensemble member's epochs run and its kept epoch's validation numbers (the first member's
-    are the phase's own)."""
+    are the phase's own; none with ``finetune.epochs: 0``)."""
+    if not history.get("val_loss"):
+        return {}
     kept = int(np.argmin(history["val_loss"]))
     return {f"member{index + 1}_epochs_run": len(history["val_loss"]), f"member{index + 1}_best_epoch": kept + 1,
             f"member{index + 1}_val_accuracy": round(history["val_accuracy"][kept], 6)}
