@@ -355,3 +355,10 @@ def test_finetune_members_need_the_cached_activations():
 
     with pytest.raises(ParamsError, match="finetune.members"):
         params_for(finetune={"members": 2, "cache_activations": False})
+
+
+def test_member_numbers_name_the_member_and_its_kept_epoch():
+    history = {"val_loss": [0.9, 0.5, 0.7], "val_accuracy": [0.6, 0.8, 0.9]}
+    assert training.member_numbers(history, 1) == {"member2_epochs_run": 3, "member2_best_epoch": 2,
+                                                   "member2_val_accuracy": 0.8}
+    assert training.member_numbers({}, 1) == {}  # finetune.epochs: 0
