@@ -42,8 +42,8 @@ class TrainResult:
         val_loss, as the checkpoint restores), not maxima over all epochs."""
         h = self.history
         out = {"train_seconds": round(self.seconds, 2), "epochs_run": self.epochs_run}
-        if h.get("val_loss"):
-            kept = int(np.argmin(h["val_loss"]))  # first minimum: the checkpoint saves only improvements
+        kept = kept_epoch(h)
+        if kept is not None:
             out["best_epoch"] = kept + 1
             for name in ("accuracy", "loss"):
                 out[f"train_{name}"] = round(h[name][kept], 6)
@@ -51,6 +51,12 @@ class TrainResult:
         out.update(models.count_params(self.model))
         out.update(self.numbers)
         return out
+
+
+def kept_epoch(history: dict[str, list[float]]) -> int | None:
+    """Index of the epoch whose weights were kept: the first lowest val_loss (the checkpoint saves
+    only improvements); None when no epoch ran."""
+    return int(np.argmin(history["val_loss"])) if history.get("val_loss") else None
 
 
 def configure(seed: int, train: TrainParams) -> None:
@@ -318,9 +324,9 @@ def member_hook(on_epoch: EpochHook | None, index: int) -> EpochHook | None:
 def member_numbers(history: dict[str, list[float]], index: int) -> dict[str, float]:
     """An ensemble member's epochs run and its kept epoch's validation numbers (the first member's
     are the phase's own; none with ``finetune.epochs: 0``)."""
-    if not history.get("val_loss"):
+    kept = kept_epoch(history)
+    if kept is None:
         return {}
-    kept = int(np.argmin(history["val_loss"]))
     return {f"member{index + 1}_epochs_run": len(history["val_loss"]), f"member{index + 1}_best_epoch": kept + 1,
             f"member{index + 1}_val_accuracy": round(history["val_accuracy"][kept], 6)}
 
