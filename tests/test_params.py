@@ -14,7 +14,7 @@ def test_committed_params_load_with_documented_defaults():
     params = load_params(ROOT / "params.yaml")
     assert params.data.source == "tfds" and params.data.name == "tf_flowers"
     assert (params.split.train, params.split.val, params.split.test) == (0.70, 0.15, 0.15)
-    assert params.model.backbone == "efficientnetb0" and params.model.image_size == 288
+    assert params.model.backbone == "efficientnetb0" and params.model.image_size == 352
     assert params.head.learning_rate == pytest.approx(1e-3)
     assert params.finetune.learning_rate == pytest.approx(3e-4)
 
