@@ -8,7 +8,7 @@ input size, batch 32, ImageNet weights), each stage as its own process, and reco
 memory (``VmHWM`` of that process) and wall time. Prints a table and JSON, writes
 ``bench/results/scale.json`` and a plot of memory and time against N.
 
-    export TFDS_DATA_DIR=$(realpath ../shared/data/tensorflow_datasets)
+    export TFDS_DATA_DIR=/path/to/tensorflow_datasets      # with tf_flowers prepared
     python bench/scale.py --sizes 3000 15000 40000 --workdir /tmp/imgclf-scale
 
 MLflow tracking is off in the scratch projects (it is the same at any size). The generated
