@@ -63,7 +63,8 @@ def out_of_sample_probs(sets: list[AuditSet], num_classes: int, folds: int, seed
     x = np.concatenate([s.features for s in fitted])
     y = np.concatenate([s.labels for s in fitted])
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    cross = _full_width(cross_val_predict(_classifier(seed), x, y, cv=cv, method="predict_proba"), y, num_classes)
+    cross = _full_width(cross_val_predict(_classifier(seed), x, y, cv=cv, method="predict_proba", n_jobs=1),
+                        y, num_classes)
     final = _classifier(seed).fit(x, y)
     out, start = [], 0
     for s in sets:
@@ -101,7 +102,9 @@ def label_issues(sets: list[AuditSet], probs: list[np.ndarray], class_names: lis
         labels = np.concatenate([sets[i].labels for i in members])
         p = np.concatenate([probs[i] for i in members])
         scores = get_label_quality_scores(labels, p, method="self_confidence")
-        flagged = (find_label_issues(labels, p, filter_by="prune_by_noise_rate")
+        # n_jobs=1: cleanlab's default is a process pool started by fork from this threaded process,
+        # which can hang forever (imgclf/concurrency.py)
+        flagged = (find_label_issues(labels, p, filter_by="prune_by_noise_rate", n_jobs=1)
                    if len(np.unique(labels)) > 1 else np.zeros(len(labels), bool))
         suggested = p.argmax(axis=1)
         k = 0

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .inference import cpu_threads, predict_probs, serving_function
+from .concurrency import cpu_threads
+from .inference import predict_probs, serving_function
 from .modelio import ModelInfo
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from .concurrency import cpu_threads
 from .datasets import Examples, ImageSet, batches
 from .errors import StageError
 
@@ -175,10 +176,6 @@ def litert_file(model: keras.Model, path: Path) -> tuple[Path, float]:
     for old in sorted(folder.glob("*.tflite"), key=lambda p: p.stat().st_mtime)[:-CACHE_KEEP]:
         old.unlink(missing_ok=True)
     return path, seconds
-
-
-def cpu_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def litert_interpreter(path: Path, input_shape: tuple[int, ...]):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .concurrency import forbid_fork
 from .errors import StageError
 
 
@@ -123,14 +124,37 @@ def limit_malloc_arenas() -> None:
     mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
+STAGE_TIME_LIMIT_ENV = "IMGCLF_STAGE_TIME_LIMIT"
+
+
+def limit_stage_time() -> None:
+    """Past ``IMGCLF_STAGE_TIME_LIMIT`` seconds, dump every thread's stack to stderr and exit 1:
+    faulthandler's watchdog is a C thread, so it fires even when the main thread is stuck in C."""
+    import faulthandler
+
+    raw = os.environ.get(STAGE_TIME_LIMIT_ENV, "").strip()
+    if not raw:
+        return
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise StageError(f"{STAGE_TIME_LIMIT_ENV}={raw!r}: not a number of seconds") from None
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+
+
 def run_stage(main) -> None:
     """Run a stage's main(); an expected failure (:class:`StageError`, or a missing input file)
     ends it with one clear line and exit status 1. SIGTERM (``kill``, a scheduler stopping the
     job) ends it as Ctrl-C does: its MLflow run closed as KILLED, exit status 130. Memory:
-    :func:`limit_malloc_arenas`."""
+    :func:`limit_malloc_arenas`. Cores: threads only, never a fork (:mod:`imgclf.concurrency`).
+    A stage that runs longer than ``IMGCLF_STAGE_TIME_LIMIT`` seconds, when set, prints every
+    thread's stack and exits with status 1 instead of hanging (the slow tests set it)."""
     limit_malloc_arenas()
+    forbid_fork()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        limit_stage_time()
         main()
     except (StageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,9 +18,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from imgclf.project import STAGE_TIME_LIMIT_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "tests" / "programs"
 PROJECT_FILES = ["imgclf", "stages", "params.yaml", "dvc.yaml", "inputs", ".gitignore", ".dvcignore"]
+# Past this a whole command (a dvc repro of a tiny project) has hung: fail with its output instead of
+# waiting for CI's time-out. Each stage's own limit (IMGCLF_STAGE_TIME_LIMIT) usually fires first.
+COMMAND_TIMEOUT_S = 1800
 COLORS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 200, 40), (200, 40, 200)]
 
 
@@ -70,7 +75,11 @@ def tiny_params(**sections) -> dict:
 def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     full_env.update(env or {})
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env)
+    try:
+        result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        output = b"".join(part or b"" for part in (err.stdout, err.stderr)).decode(errors="replace")
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {COMMAND_TIMEOUT_S} s:\n{output[-5000:]}") from None
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -188,6 +197,9 @@ def pytest_configure(config):
 
     config.litert_cache = tempfile.mkdtemp(prefix="imgclf-test-cache-")
     os.environ["IMGCLF_CACHE_DIR"] = config.litert_cache
+    # A stage that stops making progress (a hang) fails with every thread's stack instead of
+    # holding the run until CI's time-out; the slowest test stage takes a few minutes
+    os.environ.setdefault(STAGE_TIME_LIMIT_ENV, "900")
 
 
 def pytest_unconfigure(config):

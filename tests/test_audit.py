@@ -1,6 +1,9 @@
 """The data audit (labels that look wrong, copies across splits) and the corrections file that
 the split stage applies."""
 import csv
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from imgclf.corrections import apply_corrections, read_corrections
 from imgclf.params import AuditParams
 from imgclf.errors import DataError
 from imgclf.split import list_class_images
-from conftest import ROOT, make_folder
+from conftest import ROOT, make_folder, run_program
 
 CLASSES = ["daisy", "roses", "tulips"]
 PARAMS = AuditParams(folds=5, gallery_size=8, copy_similarity=0.99)
@@ -151,3 +154,39 @@ def test_a_file_without_the_header_is_refused(tmp_path):
     file.write_text("class_0/img_001.jpg,exclude,\n")
     with pytest.raises(DataError, match="the header must be path,action,label"):
         read_corrections(file)
+
+
+@pytest.mark.parametrize("mode", ["plain", "guarded"])
+def test_the_label_issue_step_starts_no_process(mode):
+    """The audit stage once hung for good: cleanlab forked a process pool from the threaded stage
+    process and a worker waited forever on a lock. Run as the stage runs it, on a machine counted
+    as 4 cores, the step must fork nothing (nor, with the stage's guard on, fail on a refused fork)."""
+    done = run_program("audit_forks.py", mode, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"forks": 0, "children": [], "rows": 900}
+
+
+def test_a_stage_process_refuses_to_fork():
+    """What every stage runs first (run_stage): a fork, by a library's process pool or by us, fails
+    at once with a line naming the rule, instead of a race that may hang."""
+    code = ("import multiprocessing, os\n"
+            "from imgclf.concurrency import forbid_fork\n"
+            "forbid_fork()\n"
+            "try:\n"
+            "    multiprocessing.Pool(2)\n"
+            "except RuntimeError as err:\n"
+            "    print(err)\n"
+            "try:\n"
+            "    os.fork()\n"
+            "except RuntimeError as err:\n"
+            "    print(err)\n"
+            "import subprocess, sys\n"
+            "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True, text=True).stdout)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = done.stdout.split("\n")[:3]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(lines) == 3, done.stdout
+    for refused in lines[:2]:
+        assert refused.startswith("a stage process must not fork") and "imgclf/concurrency.py" in refused
+    assert lines[2] == "7"  # subprocess execs at once and stays allowed

@@ -1,5 +1,7 @@
-"""A stage whose main() raises one expected failure, named by argv[1], through run_stage."""
+"""A stage whose main() raises one expected failure, named by argv[1], through run_stage (or,
+with ``hang``, waits forever)."""
 import sys
+import threading
 
 from imgclf.distributed import DistributedError
 from imgclf.errors import DataError
@@ -16,6 +18,8 @@ FAILURES = {
 
 
 def main() -> None:
+    if sys.argv[1] == "hang":
+        threading.Event().wait()
     raise FAILURES[sys.argv[1]]()
 
 
