@@ -1,7 +1,7 @@
 """imgclf: transfer-learning image classification, one DVC stage at a time."""
-import os
+from .console import quiet_libraries
 
-# TensorFlow's C++ start-up chatter hides the stage output that matters; errors still show.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before TensorFlow or MLflow is imported: their start-up chatter hides the stage's own line
+quiet_libraries()
 
 __version__ = "0.1.0"

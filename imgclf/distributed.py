@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import console
 from .errors import StageError
 from .params import TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
@@ -167,9 +168,10 @@ def fit(strategy, model, train_set, val_set, train: TrainParams, rules: Training
             logs = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2], "val_loss": val_loss,
                     "val_accuracy": val_accuracy, "learning_rate": rate}
             record(history, logs)
-            print(f"Epoch {epoch + 1}/{rules.epochs} ({task_name()}): "
-                  + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-                  + f" - {time.perf_counter() - started:.0f}s", flush=True)
+            if console.verbose():
+                print(f"Epoch {epoch + 1}/{rules.epochs} ({task_name()}): "
+                      + " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+                      + f" - {time.perf_counter() - started:.0f}s", flush=True)
             if on_epoch:
                 on_epoch(epoch, logs)
             decision = keeper.end_epoch(val_loss, rate)

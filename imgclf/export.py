@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .concurrency import cpu_threads
-from .inference import predict_probs, serving_function
+from .inference import litert_interpreter, predict_probs, serving_function
 from .modelio import ModelInfo
 
 
@@ -49,18 +48,17 @@ def saved_model_predictor(directory: Path):
 
 def tflite_predictor(path: Path):
     """Run a TFLite file with LiteRT, the interpreter that replaces the deprecated
-    ``tf.lite.Interpreter`` (and the one a deployed model runs on)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path), num_threads=cpu_threads())
-    inp = interpreter.get_input_details()[0]
-    out = interpreter.get_output_details()[0]
+    ``tf.lite.Interpreter`` (and the one a deployed model runs on), one image at a time: the
+    shape a deployed TFLite model sees."""
+    interpreter = None
 
     def predict(images: np.ndarray) -> np.ndarray:
+        nonlocal interpreter
+        if interpreter is None:
+            interpreter = litert_interpreter(path, images.shape[1:])
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         results = []
-        for image in images:  # batch 1: the shape a deployed TFLite model sees
-            interpreter.resize_tensor_input(inp["index"], (1, *image.shape))
-            interpreter.allocate_tensors()
+        for image in images:
             interpreter.set_tensor(inp["index"], image[None].astype(np.float32))
             interpreter.invoke()
             results.append(interpreter.get_tensor(out["index"])[0])

@@ -24,6 +24,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from . import console
 from .concurrency import cpu_threads
 from .datasets import Examples, ImageSet, batches
 from .errors import StageError
@@ -181,9 +182,10 @@ def litert_file(model: keras.Model, path: Path) -> tuple[Path, float]:
 def litert_interpreter(path: Path, input_shape: tuple[int, ...]):
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path), num_threads=cpu_threads())
-    interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], (1, *input_shape))
-    interpreter.allocate_tensors()
+    with console.native_log_filtered():  # LiteRT's "INFO: Created TensorFlow Lite XNNPACK delegate"
+        interpreter = Interpreter(model_path=str(path), num_threads=cpu_threads())
+        interpreter.resize_tensor_input(interpreter.get_input_details()[0]["index"], (1, *input_shape))
+        interpreter.allocate_tensors()
     return interpreter
 
 

@@ -4,10 +4,11 @@ input example and pinned requirements, and its version in the Model Registry."""
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import images
+from . import console, images
 from .modelio import read_metadata
 from .tracking import StageRun
 
@@ -44,17 +45,25 @@ def _log_model(run: StageRun, model_path: Path, name: str, example, register_as:
         decoder = Path(tmp) / "imgclf_images.py"  # the decoder, importable without imgclf
         shutil.copyfile(images.__file__, decoder)
         with _attached(run.client, run.run_id):
-            info = mlflow.pyfunc.log_model(
-                name=name, python_model=mlflow_model.__file__, code_paths=[str(decoder)],
-                artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
-                signature=signature, input_example=photo,
-                registered_model_name=register_as or None, pip_requirements=serving_requirements())
+            info = _quietly(mlflow.pyfunc.log_model, name=name, python_model=mlflow_model.__file__,
+                            code_paths=[str(decoder)], artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
+                            signature=signature, input_example=photo, registered_model_name=register_as or None,
+                            pip_requirements=serving_requirements())
     version = getattr(info, "registered_model_version", None)
     if register_as and version is not None:
         tags = run.client.get_run(run.run_id).data.tags
         for key in ("dvc_exp_name", "git_commit"):
             run.client.set_model_version_tag(register_as, str(version), key, tags.get(key, ""))
     return None if version is None else str(version)
+
+
+def _quietly(function, *args, **kwargs):
+    """``function`` with its stderr prints (MLflow's "Successfully registered model ...") kept for
+    ``IMGCLF_VERBOSE``: the stage's own line says which version it registered."""
+    if console.verbose():
+        return function(*args, **kwargs)
+    with contextlib.redirect_stderr(io.StringIO()):
+        return function(*args, **kwargs)
 
 
 def served_example(batch) -> "Any":

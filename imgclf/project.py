@@ -7,11 +7,13 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+from . import console
 from .concurrency import forbid_fork
 from .errors import StageError
 
@@ -143,8 +145,9 @@ def limit_stage_time() -> None:
         faulthandler.dump_traceback_later(seconds, exit=True)
 
 
-def run_stage(main) -> None:
-    """Run a stage's main(); an expected failure (:class:`StageError`, or a missing input file)
+def run_stage(main: Callable[[], str | None]) -> None:
+    """Run a stage's main() and print the one line it returns with its time (:mod:`imgclf.console`);
+    an expected failure (:class:`StageError`, or a missing input file)
     ends it with one clear line and exit status 1. SIGTERM (``kill``, a scheduler stopping the
     job) ends it as Ctrl-C does: its MLflow run closed as KILLED, exit status 130. Memory:
     :func:`limit_malloc_arenas`. Cores: threads only, never a fork (:mod:`imgclf.concurrency`).
@@ -153,12 +156,15 @@ def run_stage(main) -> None:
     limit_malloc_arenas()
     forbid_fork()
     signal.signal(signal.SIGTERM, _interrupt)
+    started = time.perf_counter()
     try:
         limit_stage_time()
-        main()
+        line = main()
     except (StageError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:
         print(f"error: stopped by {err or 'SIGINT'}", file=sys.stderr)
         sys.exit(130)
+    if line:
+        print(f"{line} ({console.seconds(time.perf_counter() - started)})", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import calibration, distributed, models
+from . import calibration, console, distributed, models
 from .activations import Activations, compute_outputs
 from .augment import augmentation, mixup
 from .datasets import Examples, batches
@@ -122,7 +122,7 @@ def fit(model: keras.Model, train_set: Examples, val_set: Examples, train: Train
     val_ds = batches(val_set, train.batch_size)
     callback = RulesCallback(rules, on_epoch)
     if rules.epochs:
-        model.fit(train_ds, validation_data=val_ds, epochs=rules.epochs, callbacks=[callback], verbose=2,
+        model.fit(train_ds, validation_data=val_ds, epochs=rules.epochs, callbacks=[callback], verbose=2 if console.verbose() else 0,
                   shuffle=False, steps_per_epoch=steps_per_epoch)
     return callback.history, time.perf_counter() - started
 

@@ -7,7 +7,7 @@ from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.store import open_split
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     distributed.require_single_machine("activations")
@@ -21,10 +21,10 @@ def main() -> None:
         run.log_metrics({"train_images": len(train), "val_images": len(val), "cut": info["cut"],
                          "images_per_s": info["images_per_s"], "on_litert": int(runtime["runtime"] == "litert")})
         run.log_artifacts(layout.summary("activations"), "reports")
-    parity = f", parity with Keras {runtime['parity']}" if "parity" in runtime else ""
-    print(f"activations: {info['backbone']} cut before layer {info['cut']} ({info['cut_layer']}), "
-          f"shape {info['shape']}, train={len(train)}, val={len(val)}, {info['images_per_s']:.0f} images/s "
-          f"on {runtime['runtime']} ({runtime['why']}){parity}")
+    parity = f", within {runtime['parity']['max_abs_diff']:.1e} of Keras" if "parity" in runtime else ""
+    return (f"activations: {len(train) + len(val):,} images (train {len(train):,}, val {len(val):,}) through "
+            f"{info['backbone']} up to {info['cut_layer']}, {info['images_per_s']:.0f} images/s on "
+            f"{'LiteRT' if runtime['runtime'] == 'litert' else 'Keras'}{parity}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from imgclf.split import SPLITS, raw_sources
 from imgclf.store import open_split
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     with tracking.stage_run("audit", params, layout.root) as run, layout.scratch() as workdir:
@@ -42,10 +42,9 @@ def main() -> None:
         run.log_artifacts(reports)
         run.log_artifacts(plots)
     if "skipped" in report.summary:
-        print(f"audit: no label audit: {report.summary['skipped']} (empty report)")
-    else:
-        print(f"audit: {report.summary['suspects']} suspect labels of {report.summary['images']} images, "
-              f"{len(report.copies)} copies across splits; see {reports / 'label_issues.csv'}")
+        return f"audit: no label audit: {report.summary['skipped']} (empty report)"
+    return (f"audit: {report.summary['suspects']:,} suspect labels of {report.summary['images']:,} images, "
+            f"{len(report.copies):,} copies across splits; review them with python -m imgclf.review")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """DVC stage `download`: the configured source -> data/raw/<class>/, report and plots."""
-from imgclf import figures, tracking
+from imgclf import console, figures, tracking
 from imgclf.ingest import ingest
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.sources import check_source, iter_source, temporary_workdir
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     check_source(params.data, layout.root)
@@ -27,12 +27,24 @@ def main() -> None:
         run.log_metrics({k: v for k, v in report.summary().items() if isinstance(v, (int, float))})
         run.log_artifacts(layout.reports("download"))
         run.log_artifacts(plots)
-    print(f"download: {report.summary()}")
-    for skipped in report.skipped:
-        print(f"  skipped {skipped['origin']}: {skipped['reason']}")
-    for conflict in report.conflicts:
-        print(f"  label conflict ({conflict['kind']}), excluded: {conflict['origins']} "
-              f"({', '.join(conflict['labels'])})")
+    details = layout.reports("download") / "report.json"
+    if report.skipped:
+        console.warn(f"{console.count(len(report.skipped), 'file')} skipped (not a usable image), "
+                     f"e.g. {report.skipped[0]['origin']}: {report.skipped[0]['reason']}; all in {details.relative_to(layout.root)}")
+    if report.conflicts:
+        console.warn(f"{console.count(len(report.conflicts), 'image')} under two classes excluded, "
+                     f"e.g. {report.conflicts[0]['origins']}; all in {details.relative_to(layout.root)}")
+    return download_line(report.summary())
+
+
+def download_line(summary: dict) -> str:
+    """``download: 3,666 images in 5 classes (1 skipped, 3 duplicates removed)``"""
+    notes = [f"{summary[key]:,} {words}" for key, words in (
+        ("skipped", "skipped"), ("duplicates_removed", "duplicates removed"),
+        ("label_conflicts", "under two classes excluded"), ("dropped_by_max_per_class", "over data.max_per_class left out"),
+        ("converted_to_png", "converted to PNG")) if summary.get(key)]
+    return (f"download: {console.count(summary['images'], 'image')} in {console.count(summary['classes'], 'class', 'classes')}"
+            + (f" ({', '.join(notes)})" if notes else ""))
 
 
 if __name__ == "__main__":

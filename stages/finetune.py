@@ -10,7 +10,7 @@ from imgclf.project import Layout, project_root, run_stage
 from imgclf.store import open_split
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     training.configure(params.seed, params.train)
@@ -29,7 +29,8 @@ def main() -> None:
                                          params.seed, activations, workdir, on_epoch=run.log_epoch)
         temperature = training.calibrate_result(result, params.train.calibrate)
         info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta, temperature=temperature)
-        save_training_outputs(layout, result, info, run, val.read([0]), params.mlflow.registered_model)
+        line = save_training_outputs(layout, result, info, run, val.read([0]), params.mlflow.registered_model)
+    return line
 
 
 if __name__ == "__main__":

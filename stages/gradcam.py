@@ -27,7 +27,7 @@ def draw(name: str, layout: Layout, count: int) -> None:
                          title=f"Grad-CAM, {name} ({info.backbone}): green right, red wrong")
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     names = ["finetune"] + (["baseline"] if params.gradcam.include_baseline else [])
@@ -35,6 +35,8 @@ def main() -> None:
         for name in names:
             draw(name, layout, params.gradcam.num_images)
         run.log_artifacts(layout.plots("gradcam"), "gradcam")
+    return (f"gradcam: heat maps of {params.gradcam.num_images} test images for {' and '.join(names)} in "
+            f"{layout.plots('gradcam').relative_to(layout.root)}/")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from imgclf.project import Layout, project_root, run_stage
 from imgclf.store import open_split
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     training.configure(params.seed, params.train)
@@ -28,7 +28,8 @@ def main() -> None:
                                          params.augment, params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate_result(result, params.train.calibrate)
         info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
-        save_training_outputs(layout, result, info, run, val.read([0]))
+        line = save_training_outputs(layout, result, info, run, val.read([0]))
+    return line
 
 
 if __name__ == "__main__":

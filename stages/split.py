@@ -7,7 +7,7 @@ from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.split import assign, list_class_images, read_groups, write_split
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     corrections_file = layout.root / params.split.corrections  # an absolute path stays as it is
@@ -23,7 +23,7 @@ def main() -> None:
     if corrections:
         note = f" (corrections: {corrected['excluded']} excluded, {corrected['relabelled']} relabelled"
         note += f", {corrected['skipped']} skipped: not in this capped subset)" if corrected["skipped"] else ")"
-    print("split: " + ", ".join(f"{s}={c['total']}" for s, c in counts.items()) + note)
+    return "split: " + ", ".join(f"{s} {c['total']:,}" for s, c in counts.items()) + " images" + note
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from imgclf.split import SPLITS
 from imgclf.store import build_image_store
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     name = sys.argv[1] if len(sys.argv) == 2 else ""
@@ -22,7 +22,8 @@ def main() -> None:
         subsets = {split: list_subset(layout.split, split, names) for split in SPLITS}
         counts = build_image_store(subsets, names, sizes[name], layout.store(name), layout.root)
         run.log_metrics({f"{split}_images": count for split, count in counts.items()})
-    print(f"store@{name}: {sizes[name]} px, " + ", ".join(f"{s}={c}" for s, c in counts.items()))
+    return (f"store@{name}: {sum(counts.values()):,} images decoded at {sizes[name]} px ("
+            + ", ".join(f"{s} {c:,}" for s, c in counts.items()) + ")")
 
 
 if __name__ == "__main__":

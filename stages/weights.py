@@ -6,14 +6,15 @@ from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
 
 
-def main() -> None:
+def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     info = fetch_weights(params.model)  # before the MLflow run: a missing file is not a failed run
     with tracking.stage_run("weights", params, layout.root) as run:
         write_json(layout.summary("weights"), info)
         run.log_metrics({"backbone_parameters": info["parameters"]})
-    print(f"weights: {info['backbone']} ({info['weights']}), {info['parameters']:,} parameters")
+    weights = "random weights (model.weights: none)" if info["weights"] == "none" else f"{info['weights']} weights"
+    return f"weights: {info['backbone']} with {weights}, {info['parameters']:,} parameters"
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from conftest import ROOT
 # the package marker (log level only), MLflow tracking, path layout, params parsing (the values
 # themselves are tracked through each stage's `params:`), network retries and error messages
 # (what is fetched is named by params), a progress bar, the served MLflow model and its packaging, and
-# the error classes, and how many threads a stage uses (concurrency: results do not depend on it). What these import is not followed: packaging reads the decoder and the model's
+# the error classes, how many threads a stage uses (concurrency: results do not depend on it) and what
+# a stage prints (console). What these import is not followed: packaging reads the decoder and the model's
 # metadata only to log the MLflow model.
 NOT_OUTPUT_AFFECTING = {"imgclf/__init__.py", "imgclf/tracking.py", "imgclf/project.py", "imgclf/params.py",
                         "imgclf/network.py", "imgclf/progress.py", "imgclf/mlflow_model.py",
                         "imgclf/model_packaging.py", "imgclf/errors.py",
-                        "imgclf/concurrency.py"}
+                        "imgclf/concurrency.py", "imgclf/console.py"}
 # Params sections no stage output depends on (tracking switches and experiment name).
 NOT_OUTPUT_PARAMS = {"mlflow"}
 # The only library entry point that may take the whole Params: it logs all of them to MLflow.

@@ -45,7 +45,7 @@ def project(tmp_path_factory):
 
 def start(project, stage: str, env_extra: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_", "TF_CONFIG"))}
-    env.update(env_extra, PYTHONUNBUFFERED="1")
+    env.update(env_extra, PYTHONUNBUFFERED="1", IMGCLF_VERBOSE="1")  # the epoch lines some tests wait for
     return subprocess.Popen([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

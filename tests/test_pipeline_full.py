@@ -20,6 +20,8 @@ from conftest import COLORS, clean_env, dvc, make_folder, make_image, make_proje
 pytestmark = pytest.mark.slow
 
 MODELS = ("baseline", "head", "finetune")
+STAGES_RUN = ("weights", "download", "split", "store@baseline", "store@transfer", "baseline", "activations", "head",
+              "finetune", "evaluate", "audit", "gradcam", "export")
 KEYS = {"accuracy", "macro_f1", "weighted_f1", "top2_accuracy", "roc_auc_macro_ovr", "ece", "test_loss",
         "throughput_images_per_s", "params_total", "model_file_mb", "ece_uncalibrated", "temperature"}
 
@@ -39,7 +41,8 @@ def project(tmp_path_factory):
     photos = make_folder(base / "photos", classes=3, per_class=14)
     (photos / "class_1" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     root = make_project(base / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
-    dvc(root, "repro")
+    done = dvc(root, "repro")
+    (base / "repro.log").write_text(done.stdout + done.stderr)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny run"], root)
     (base / "uninterrupted.json").write_text(json.dumps(results(root)))  # before other tests change it
@@ -188,6 +191,24 @@ def test_a_run_killed_at_many_points_and_reproduced_equals_an_uninterrupted_one(
     # most kills found their stage running; those after it had opened its MLflow run left it RUNNING
     assert sum(hits) >= len(KILL_POINTS) // 2 and killed, (hits, [r.info.run_name for r in killed])
     assert all("imgclf.found_dead" in r.data.tags for r in killed)
+
+
+DVC_OWN = re.compile(r"^(Running stage '|> python -m stages\.|Generating lock file|Updating lock file|To track the "
+                     r"changes|\s+git add |To enable auto staging|\s+dvc config core\.autostage|Use `dvc push`|$)")
+
+
+def test_repro_prints_dvc_lines_and_one_line_per_stage(project):
+    """Quiet by default: besides DVC's own lines, each stage prints one line of its own (with its
+    time) and a warning line for what needs attention (here the corrupt photo), nothing else."""
+    log = (project.parent / "repro.log").read_text()
+    ours = [line for line in log.splitlines() if not DVC_OWN.match(line)]
+    warnings = [line for line in ours if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "1 file skipped" in warnings[0] and "corrupt.jpg" in warnings[0], ours
+    stages = [line.split(":")[0] for line in ours if not line.startswith("warning: ")]
+    assert sorted(stages) == sorted(STAGES_RUN), ours
+    assert all(re.search(r"\((\d+\.\d|\d+) s\)$|\(\d+ min \d\d s\)$", line) for line in ours if line not in warnings), ours
+    assert next(line for line in ours if line.startswith("download: ")).startswith(
+        "download: 41 images in 3 classes (1 skipped)")
 
 
 def test_dvc_metrics_and_plots_show(project, tmp_path):

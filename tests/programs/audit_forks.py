@@ -7,7 +7,6 @@ import os
 import sys
 import threading
 
-import numpy as np
 import psutil
 import tensorflow  # noqa: F401 - the stage process has TensorFlow's threads
 
