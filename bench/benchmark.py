@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgclf import training  # noqa: E402
-from imgclf.activations import backbone_cut, compute_activations  # noqa: E402
-from imgclf.datasets import ImageSet  # noqa: E402
-from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
-from imgclf.images import decode_rgb  # noqa: E402
-from imgclf.inference import predict_probs  # noqa: E402
+from imgclf.data.datasets import ImageSet  # noqa: E402
+from imgclf.data.images import decode_rgb  # noqa: E402
 from imgclf.params import load_params  # noqa: E402
+from imgclf.serve.evaluation import Predictions, summary_metrics  # noqa: E402
+from imgclf.serve.inference import predict_probs  # noqa: E402
+from imgclf.train.activations import backbone_cut, compute_activations  # noqa: E402
 
 SIZE = 224
 
@@ -165,7 +165,7 @@ def keras_frozen_pass_rate(backbone, cut: int, backbone_name: str, images: Image
                            count: int = 256) -> float:
     """Images per second of the same frozen bottom on Keras (4-image batches, as the Keras path
     runs on a CPU) over the first ``count`` images: the runtime ratio, measured in the same run."""
-    from imgclf import models
+    from imgclf.model import models
 
     bottom, _ = models.split_at(backbone, cut)
     extractor = models.image_extractor(backbone_name, bottom, size)

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from imgclf import training  # noqa: E402
-from imgclf.activations import backbone_cut, compute_activations  # noqa: E402
-from imgclf.datasets import class_names, load_subset  # noqa: E402
-from imgclf.evaluation import Predictions, summary_metrics  # noqa: E402
-from imgclf.inference import predict_probs  # noqa: E402
+from imgclf.data.datasets import class_names, load_subset  # noqa: E402
 from imgclf.params import params_from_dict  # noqa: E402
+from imgclf.serve.evaluation import Predictions, summary_metrics  # noqa: E402
+from imgclf.serve.inference import predict_probs  # noqa: E402
+from imgclf.train.activations import backbone_cut, compute_activations  # noqa: E402
 
 
 def apply(raw: dict, overrides: str) -> dict:

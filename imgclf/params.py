@@ -64,6 +64,18 @@ class DataParams:
     max_per_class: int
     near_duplicate_bits: int
 
+    @property
+    def set_name(self) -> str:
+        """The data set's name in the corrections file's ``data`` column: the TFDS name, else the
+        folder's or the archive's name (``/photos/my_flowers`` -> ``my_flowers``)."""
+        if self.source == "tfds":
+            return self.name
+        base = self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        for suffix in (".tar.gz", ".tgz", ".tar", ".zip"):
+            if base.lower().endswith(suffix):
+                return base[:-len(suffix)]
+        return base
+
     def validate(self, key: str) -> None:
         _choice(self.source, f"{key}.source", SOURCES)
         _non_negative(self.max_per_class, f"{key}.max_per_class")

@@ -16,7 +16,7 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
-from .images import BadImageError, decode_rgb, inspect_bytes
+from .data.images import BadImageError, decode_rgb, inspect_bytes
 from .progress import Progress
 
 
@@ -73,8 +73,8 @@ def format_row(path: str, ranked: list[dict]) -> str:
 
 def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool = False,
                   batch_size: int = 32, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from .inference import predict_probs, runner
-    from .modelio import load_model
+    from .model.modelio import load_model
+    from .serve.inference import predict_probs, runner
 
     out, err = out or sys.stdout, err or sys.stderr
     model, info = load_model(model_path)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         print("error: --top-k must be >= 1", file=sys.stderr)
         return 2
-    from .modelio import ModelFileError
+    from .model.modelio import ModelFileError
     from .project import limit_malloc_arenas
 
     limit_malloc_arenas()

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")
         from mlflow.server.auth.client import AuthServiceClient
 
-    from .tracking import TrackingError, check_server, tracking_uri
+    from .track.tracking import TrackingError, check_server, tracking_uri
 
     uri = tracking_uri(Path.cwd())
     if not uri.startswith(("http://", "https://")):

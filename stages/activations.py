@@ -1,16 +1,18 @@
 """DVC stage `activations`: the frozen bottom of the backbone, once over the train and val
 images of data/store/transfer -> data/activations/ (shared by the head and finetune stages)."""
-from imgclf import distributed, tracking, training
-from imgclf.activations import write_activations
+from imgclf import cluster
+from imgclf.data.store import open_split
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
-from imgclf.store import open_split
+from imgclf.track import tracking
+from imgclf.train import training
+from imgclf.train.activations import write_activations
 
 
 def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
-    distributed.require_single_machine("activations")
+    cluster.require_single_machine("activations")
     training.configure(params.seed, params.train)
     with tracking.stage_run("activations", params, layout.root) as run:
         size = params.model.image_size

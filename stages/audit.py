@@ -4,13 +4,14 @@ backbone once) -> reports/audit/, plots/audit/suspects.png, metrics/suspects.jso
 The audit only reports: fixes go into the corrections file, which the split stage applies."""
 import numpy as np
 
-from imgclf import figures, tracking
-from imgclf.activations import open_activations, pooled_features
-from imgclf.audit import LABEL_ISSUE_COLUMNS, AuditSet, audit
+from imgclf.data.split import SPLITS, raw_sources
+from imgclf.data.store import open_split
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_csv, write_json
-from imgclf.split import SPLITS, raw_sources
-from imgclf.store import open_split
+from imgclf.serve import figures
+from imgclf.serve.audit import LABEL_ISSUE_COLUMNS, AuditSet, audit
+from imgclf.track import tracking
+from imgclf.train.activations import open_activations, pooled_features
 
 
 def main() -> str:

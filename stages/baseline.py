@@ -1,10 +1,11 @@
 """DVC stage `baseline`: a CNN trained from scratch -> models/baseline.keras."""
-from imgclf import tracking, training
-from imgclf.modelio import ModelInfo
-from imgclf.outputs import save_training_outputs
+from imgclf.data.store import open_split
+from imgclf.model.modelio import ModelInfo
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
-from imgclf.store import open_split
+from imgclf.track import tracking
+from imgclf.train import training
+from imgclf.train.outputs import save_training_outputs
 
 
 def main() -> str:

@@ -1,9 +1,11 @@
 """DVC stage `download`: the configured source -> data/raw/<class>/, report and plots."""
-from imgclf import console, figures, tracking
-from imgclf.ingest import ingest
+from imgclf import console
+from imgclf.data.ingest import ingest
+from imgclf.data.sources import check_source, iter_source, temporary_workdir
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
-from imgclf.sources import check_source, iter_source, temporary_workdir
+from imgclf.serve import figures
+from imgclf.track import tracking
 
 
 def main() -> str:

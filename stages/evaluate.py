@@ -3,14 +3,15 @@ all numbers and diagnostics in reports/evaluate, plots, comparison."""
 import json
 from pathlib import Path
 
-from imgclf import evaluation as ev
-from imgclf import reporting, tracking
-from imgclf.calibration import uncalibrated
-from imgclf.inference import predict_probs, runner_for
-from imgclf.modelio import load_model
+from imgclf.data.store import open_split
+from imgclf.model.modelio import load_model
 from imgclf.params import MODEL_NAMES, load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
-from imgclf.store import open_split
+from imgclf.serve import evaluation as ev
+from imgclf.serve import reporting
+from imgclf.serve.inference import predict_probs, runner_for
+from imgclf.track import tracking
+from imgclf.train.calibration import uncalibrated
 
 
 def main() -> str:

@@ -1,12 +1,12 @@
 """DVC stage `export`: the fine-tuned model as SavedModel + TFLite, with a parity check."""
 import numpy as np
 
-from imgclf import tracking
-from imgclf.export import export_all
-from imgclf.modelio import load_model
+from imgclf.data.store import open_split
+from imgclf.model.modelio import load_model
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
-from imgclf.store import open_split
+from imgclf.serve.export import export_all
+from imgclf.track import tracking
 
 PARITY_IMAGES = 16
 

@@ -1,13 +1,14 @@
 """DVC stage `finetune`: unfreeze the top of the backbone -> models/finetune.keras."""
 import dataclasses
 
-from imgclf import calibration, distributed, tracking, training
-from imgclf.activations import open_activations
-from imgclf.modelio import load_model
-from imgclf.outputs import save_training_outputs
+from imgclf.data.store import open_split
+from imgclf.model.modelio import load_model
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
-from imgclf.store import open_split
+from imgclf.track import tracking
+from imgclf.train import calibration, distributed, training
+from imgclf.train.activations import open_activations
+from imgclf.train.outputs import save_training_outputs
 
 
 def main() -> str:

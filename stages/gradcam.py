@@ -1,13 +1,14 @@
 """DVC stage `gradcam`: heat maps of what the models look at, on right and wrong test images."""
 import numpy as np
 
-from imgclf import figures, tracking
-from imgclf.gradcam import gradcam, pick_examples
-from imgclf.inference import predict_probs
-from imgclf.modelio import load_model
+from imgclf.data.store import open_split
+from imgclf.model.modelio import load_model
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
-from imgclf.store import open_split
+from imgclf.serve import figures
+from imgclf.serve.gradcam import gradcam, pick_examples
+from imgclf.serve.inference import predict_probs
+from imgclf.track import tracking
 
 
 def draw(name: str, layout: Layout, count: int) -> None:

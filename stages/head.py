@@ -2,13 +2,14 @@
 
 By default the head trains on features pooled from the cached activations (no pass over the
 images); with `head.augment` or `cache_features: false` the frozen backbone runs every step."""
-from imgclf import tracking, training
-from imgclf.activations import open_activations
-from imgclf.modelio import ModelInfo
-from imgclf.outputs import save_training_outputs
+from imgclf.data.store import open_split
+from imgclf.model.modelio import ModelInfo
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
-from imgclf.store import open_split
+from imgclf.track import tracking
+from imgclf.train import training
+from imgclf.train.activations import open_activations
+from imgclf.train.outputs import save_training_outputs
 
 
 def main() -> str:

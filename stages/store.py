@@ -2,12 +2,12 @@
 data/store/<name>/ (`baseline`: baseline.image_size, `transfer`: model.image_size)."""
 import sys
 
-from imgclf import tracking
-from imgclf.datasets import class_names, list_subset
+from imgclf.data.datasets import class_names, list_subset
+from imgclf.data.split import SPLITS
+from imgclf.data.store import build_image_store
 from imgclf.params import ParamsError, load_params
 from imgclf.project import Layout, project_root, run_stage
-from imgclf.split import SPLITS
-from imgclf.store import build_image_store
+from imgclf.track import tracking
 
 
 def main() -> str:

@@ -7,13 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-
-from imgclf.audit import AuditSet, audit, cross_split_copies
-from imgclf.corrections import apply_corrections, read_corrections
-from imgclf.params import AuditParams
-from imgclf.errors import DataError
-from imgclf.split import list_class_images
 from conftest import ROOT, make_folder, run_program
+
+from imgclf.data.corrections import apply_corrections, read_corrections
+from imgclf.data.split import list_class_images
+from imgclf.errors import DataError
+from imgclf.params import AuditParams
+from imgclf.serve.audit import AuditSet, audit, cross_split_copies
 
 CLASSES = ["daisy", "roses", "tulips"]
 PARAMS = AuditParams(folds=5, gallery_size=8, copy_similarity=0.99)
@@ -90,7 +90,7 @@ def test_one_class_gives_an_empty_report():
 def write_corrections(path, rows):
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["path", "action", "label"])
+        writer.writerow(["path", "action", "label"] + (["data"] if rows and len(rows[0]) == 4 else []))
         writer.writerows(rows)
     return path
 
@@ -100,7 +100,7 @@ def test_corrections_exclude_and_relabel(tmp_path):
     file = write_corrections(tmp_path / "corrections.csv", [["class_0/img_001.jpg", "exclude", ""],
                                                              ["class_1/img_002.jpg", "relabel", "class_2"]])
     classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
-    assert counts == {"excluded": 1, "relabelled": 1, "skipped": 0}
+    assert counts == {"excluded": 1, "relabelled": 1, "skipped": 0, "other_data": 0}
     assert raw / "class_0/img_001.jpg" not in classes["class_0"] and len(classes["class_0"]) == 3
     assert raw / "class_1/img_002.jpg" in classes["class_2"] and len(classes["class_2"]) == 5
     assert len(classes["class_1"]) == 3
@@ -125,8 +125,38 @@ def test_a_file_made_for_another_data_set_is_named_as_such(tmp_path):
     file = write_corrections(tmp_path / "corrections.csv", [["tulips/a.jpg", "exclude", ""],
                                                              ["roses/b.jpg", "relabel", "tulips"]])
     with pytest.raises(DataError, match=r"none of its 2 rows names an image under .*made for another data set\? "
-                                        r"\(for a new one, start from the header line alone: path,action,label\)"):
-        apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
+                                        r"Name it in a data column \(this data is 'photos'\), or start a new file "
+                                        r"from the header line alone: path,action,label,data"):
+        apply_corrections(list_class_images(raw), read_corrections(file), raw, file, data_name="photos")
+
+
+def test_rows_made_for_another_data_set_are_set_aside_and_typos_for_this_one_still_stop(tmp_path):
+    """One file serves several data sets: tf_flowers' rows do not stop a run on your photos, while a
+    row meant for your photos (named so, or naming no data set) that matches nothing still does."""
+    raw = make_folder(tmp_path / "raw", classes=2, per_class=3)
+    file = write_corrections(tmp_path / "corrections.csv", [["tulips/a.jpg", "exclude", "", "tf_flowers"],
+                                                             ["roses/b.jpg", "relabel", "tulips", "tf_flowers"],
+                                                             ["class_0/img_001.jpg", "exclude", "", "photos"]])
+    classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file, data_name="photos")
+    assert counts == {"excluded": 1, "relabelled": 0, "skipped": 0, "other_data": 2}
+    assert raw / "class_0/img_001.jpg" not in classes["class_0"]
+    classes, counts = apply_corrections(list_class_images(raw), read_corrections(file)[:2], raw, file,
+                                        data_name="photos")  # only another data set's rows: nothing to do
+    assert counts["other_data"] == 2 and sum(map(len, classes.values())) == 6
+    for typo in (["class_0/img_01.jpg", "exclude", "", "photos"], ["class_0/img_01.jpg", "exclude", "", ""]):
+        file = write_corrections(tmp_path / "corrections.csv", [["tulips/a.jpg", "exclude", "", "tf_flowers"],
+                                                                 ["class_1/img_000.jpg", "exclude", "", "photos"], typo])
+        with pytest.raises(DataError, match="line 4: no image class_0/img_01.jpg under"):
+            apply_corrections(list_class_images(raw), read_corrections(file), raw, file, data_name="photos")
+
+
+@pytest.mark.parametrize("source,path,name", [("tfds", "", "tf_flowers"), ("folder", "/photos/my_flowers/", "my_flowers"),
+                                              ("url", "https://example.com/a/flower_photos.tgz?x=1", "flower_photos"),
+                                              ("url", "photos.tar.gz", "photos")])
+def test_the_data_set_name_that_rows_are_matched_against(source, path, name):
+    from imgclf.params import DataParams
+
+    assert DataParams(source, "tf_flowers", path, "", 0, 0).set_name == name
 
 
 def test_a_capped_subset_skips_the_rows_of_images_it_left_out(tmp_path):
@@ -135,7 +165,7 @@ def test_a_capped_subset_skips_the_rows_of_images_it_left_out(tmp_path):
                                                              ["class_0/img_007.jpg", "relabel", "class_1"],
                                                              ["class_1/img_009.jpg", "exclude", ""]])
     classes, counts = apply_corrections(list_class_images(raw), read_corrections(file), raw, file, subset=True)
-    assert counts == {"excluded": 1, "relabelled": 0, "skipped": 2}
+    assert counts == {"excluded": 1, "relabelled": 0, "skipped": 2, "other_data": 0}
     assert [f.name for f in classes["class_0"]] == ["img_000.jpg", "img_002.jpg"] and len(classes["class_1"]) == 3
     with pytest.raises(DataError, match="line 3: no image class_0/img_007.jpg under"):
         apply_corrections(list_class_images(raw), read_corrections(file), raw, file)
@@ -144,6 +174,7 @@ def test_a_capped_subset_skips_the_rows_of_images_it_left_out(tmp_path):
 def test_the_committed_corrections_are_well_formed_tf_flowers_rows():
     """The reviewed fixes of tf_flowers that the default run applies (docs/audit.md)."""
     rows = read_corrections(ROOT / "corrections.csv")
+    assert {row.data for row in rows} == {"tf_flowers"}  # set aside on any other data
     classes = {"daisy", "dandelion", "roses", "sunflowers", "tulips"}
     assert rows and all(row.path.split("/")[0] in classes and row.path.endswith(".jpg") for row in rows)
     assert all(row.label in classes and row.label != row.path.split("/")[0] for row in rows if row.action == "relabel")

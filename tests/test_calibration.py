@@ -3,13 +3,14 @@ under-confident model, keeps its predictions, and lives in the weights (no new l
 import keras
 import numpy as np
 import pytest
-
-from imgclf import calibration, models
-from imgclf.datasets import ImageSet
-from imgclf.evaluation import expected_calibration_error
-from imgclf.modelio import ModelInfo, load_model, save_model
-from imgclf.params import params_from_dict
 from conftest import COLORS, make_image, tiny_params
+
+from imgclf.data.datasets import ImageSet
+from imgclf.model import models
+from imgclf.model.modelio import ModelInfo, load_model, save_model
+from imgclf.params import params_from_dict
+from imgclf.serve.evaluation import expected_calibration_error
+from imgclf.train import calibration
 
 
 def sampled(temperature: float, n: int = 20000, classes: int = 5, seed: int = 0):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from imgclf import evaluation as ev
+from imgclf.serve import evaluation as ev
 
 
 def preds(probs, labels, names=("a", "b", "c")):

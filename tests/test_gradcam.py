@@ -1,10 +1,11 @@
 """Grad-CAM finds the evidence: a class decided by one small patch."""
 import numpy as np
-
-from imgclf import models, training
-from imgclf.gradcam import gradcam, pick_examples
-from imgclf.params import params_from_dict
 from conftest import tiny_params
+
+from imgclf.model import models
+from imgclf.params import params_from_dict
+from imgclf.serve.gradcam import gradcam, pick_examples
+from imgclf.train import training
 
 SIZE, PATCH = 32, 8
 
@@ -21,7 +22,7 @@ def patch_images(n: int, seed: int):
 
 
 def test_heatmap_peaks_inside_the_deciding_patch():
-    from imgclf.datasets import ImageSet, batches
+    from imgclf.data.datasets import ImageSet, batches
 
     params = params_from_dict(tiny_params(baseline={"image_size": SIZE, "filters": [16, 32]}))
     training.configure(params.seed, params.train)

@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, make_image
 from PIL import Image
 
-from imgclf.images import BadImageError, decode_rgb, inspect_bytes, normalized_bytes
-from conftest import ROOT, make_image
+from imgclf.data.images import BadImageError, decode_rgb, inspect_bytes, normalized_bytes
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -96,7 +96,7 @@ def tagged_jpeg(tag: int) -> bytes:
 
 @pytest.mark.parametrize("tag", sorted(STORED_AS))
 def test_exif_orientation_is_applied_wherever_images_are_decoded(tag, tmp_path):
-    from imgclf.images import load_images
+    from imgclf.data.images import load_images
     from imgclf.predict import load_batch
 
     expected = decode_rgb(encode(_upright_test_image(), "PNG"), 32).astype(int)
@@ -126,7 +126,7 @@ def bits_apart(a: bytes, b: bytes) -> int:
 
 
 def test_perceptual_hash_sees_resized_reencoded_and_cropped_copies_and_tells_others_apart():
-    from imgclf.images import near_duplicate_groups
+    from imgclf.data.images import near_duplicate_groups
 
     original = smooth_image(1)
     copies = [original.resize((60, 60), Image.Resampling.LANCZOS),  # resized
@@ -154,7 +154,7 @@ def test_copies_of_real_photos_are_grouped_and_unrelated_photos_are_not():
     """tf_flowers photos (tests/data/flowers): copies cropped by 2% on every side, resized to
     80% and re-encoded at JPEG quality 50 are grouped with their original at the default
     threshold; the photos themselves are never grouped with each other."""
-    from imgclf.images import near_duplicate_groups
+    from imgclf.data.images import near_duplicate_groups
 
     default_bits = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["near_duplicate_bits"]
     photos = [Image.open(path).convert("RGB") for path in REAL_PHOTOS]

@@ -2,10 +2,10 @@ import shutil
 from collections import Counter
 
 import pytest
-
-from imgclf.ingest import ingest
-from imgclf.sources import iter_folder
 from conftest import make_folder
+
+from imgclf.data.ingest import ingest
+from imgclf.data.sources import iter_folder
 
 
 def test_ingest_keeps_valid_unique_images_and_reports_the_rest(tmp_path):
@@ -55,9 +55,10 @@ def test_class_with_only_bad_files_fails_and_writes_nothing(tmp_path):
 def test_near_identical_images_are_grouped_and_conflicts_across_classes_excluded(tmp_path):
     import json
 
-    from imgclf.split import assign, list_class_images, read_groups
-    from imgclf.params import SplitParams
     from test_images import smooth_image
+
+    from imgclf.data.split import assign, list_class_images, read_groups
+    from imgclf.params import SplitParams
 
     src = tmp_path / "src"
     for label, seeds in (("a", range(0, 30)), ("b", range(100, 130))):

@@ -5,9 +5,18 @@ import time
 
 import pytest
 
-from imgclf.liveness import (FOUND_DEAD_TAG, HEARTBEAT_TAG, STALE_AFTER_S, Heartbeat, Owner, close_dead_runs,
-                             death_reason, process_start, this_process)
-from imgclf.tracking import StageRun
+from imgclf.track.liveness import (
+    FOUND_DEAD_TAG,
+    HEARTBEAT_TAG,
+    STALE_AFTER_S,
+    Heartbeat,
+    Owner,
+    close_dead_runs,
+    death_reason,
+    process_start,
+    this_process,
+)
+from imgclf.track.tracking import StageRun
 
 ME = Owner("host-a", "boot-1", 100, "5000")
 

@@ -10,13 +10,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-
-from imgclf import models, training
-from imgclf.modelio import ModelInfo, save_model
-from imgclf.params import params_from_dict
-from imgclf.model_packaging import log_served_model
-from imgclf.tracking import stage_run
 from conftest import COLORS, answers, free_port, make_image, stop, tiny_params, wait_until
+
+from imgclf.model import models
+from imgclf.model.modelio import ModelInfo, save_model
+from imgclf.params import params_from_dict
+from imgclf.track.model_packaging import log_served_model
+from imgclf.track.tracking import stage_run
+from imgclf.train import training
 
 
 @pytest.fixture
@@ -30,7 +31,6 @@ def store(tmp_path, monkeypatch):
 
 def test_epochs_are_logged_while_training_and_the_experiment_is_a_training_one(store, tmp_path):
     from mlflow.tracking import MlflowClient
-
     from test_training import tiny_set
 
     params = params_from_dict(tiny_params(baseline={"epochs": 3, "patience": 0}))
@@ -59,8 +59,8 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
-    from imgclf.images import decode_rgb
-    from imgclf.inference import predict_probs
+    from imgclf.data.images import decode_rgb
+    from imgclf.serve.inference import predict_probs
 
     raw = tiny_params()
     raw["model"].update(backbone=backbone)
@@ -112,7 +112,7 @@ def test_stage_runs_record_system_metrics_and_the_split_they_used(store, tmp_pat
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from imgclf import tracking
+    from imgclf.track import tracking
 
     monkeypatch.setattr(tracking, "SYSTEM_METRICS_INTERVAL_S", 0.5)
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"split": {

@@ -11,10 +11,12 @@ import time
 
 import pytest
 import yaml
-
-from imgclf import distributed, store
-from imgclf.datasets import list_subset
 from conftest import ROOT, free_ports, make_folder, tiny_params
+
+from imgclf import cluster
+from imgclf.data import store
+from imgclf.data.datasets import list_subset
+from imgclf.train import distributed
 
 pytestmark = pytest.mark.slow
 
@@ -117,14 +119,14 @@ def test_a_worker_that_dies_stops_the_other_with_a_clear_error(project):
 
 def test_tf_config_is_checked(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", "{not json")
-    with pytest.raises(distributed.DistributedError, match="TF_CONFIG: expected"):
-        distributed.cluster()
+    with pytest.raises(cluster.DistributedError, match="TF_CONFIG: expected"):
+        cluster.cluster()
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}))
-    with pytest.raises(distributed.DistributedError, match="worker:3 is not in the cluster"):
-        distributed.cluster()
+    with pytest.raises(cluster.DistributedError, match="worker:3 is not in the cluster"):
+        cluster.cluster()
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
-    assert not distributed.is_chief()
+    assert not cluster.is_chief()
     monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 0))
-    assert distributed.is_chief()
+    assert cluster.is_chief()
     monkeypatch.delenv("TF_CONFIG")
-    assert distributed.is_chief() and distributed.cluster() is None
+    assert cluster.is_chief() and cluster.cluster() is None

@@ -10,11 +10,11 @@ import tarfile
 import threading
 
 import pytest
+from conftest import COLORS, free_port, make_image, make_project, run, tiny_params
 from PIL import Image
 
 from imgclf import network
 from imgclf.network import NetworkError, cached_download, with_retries
-from conftest import COLORS, free_port, make_image, make_project, run, tiny_params
 
 NO_WAIT = (0.0, 0.0)
 
@@ -124,7 +124,7 @@ def test_unreachable_archive_url_stops_the_stage_with_one_line(tmp_path):
 
 
 def test_tfds_offline_fails_in_seconds_naming_the_url_and_tfds_data_dir(tmp_path, monkeypatch):
-    from imgclf.sources import iter_tfds
+    from imgclf.data.sources import iter_tfds
 
     def no_network(address, timeout=None):
         raise socket.gaierror(-3, "Temporary failure in name resolution")
@@ -141,7 +141,7 @@ def test_tfds_offline_fails_in_seconds_naming_the_url_and_tfds_data_dir(tmp_path
 def test_missing_imagenet_weights_name_the_file_and_the_offline_ways(monkeypatch):
     import keras
 
-    from imgclf.models import build_backbone
+    from imgclf.model.models import build_backbone
 
     attempts = []
     url = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"

@@ -1,9 +1,9 @@
 import pytest
 import yaml
-
-from imgclf.params import ParamsError, load_params, params_from_dict
-from imgclf.sources import check_source
 from conftest import ROOT
+
+from imgclf.data.sources import check_source
+from imgclf.params import ParamsError, load_params, params_from_dict
 
 
 def committed() -> dict:

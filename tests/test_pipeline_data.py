@@ -8,7 +8,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import dvc, make_folder, make_project, run, tiny_params
+from conftest import ROOT, dvc, make_folder, make_project, run, tiny_params
+from imgclf.data.corrections import read_corrections
 
 
 @pytest.mark.slow
@@ -67,7 +68,11 @@ def test_bad_params_stop_the_stage_with_the_key(tmp_path):
 def test_corrections_are_a_dependency_that_the_split_stage_applies(tmp_path):
     photos = make_folder(tmp_path / "photos", classes=3, per_class=10)
     project = make_project(tmp_path / "project", tiny_params(data={"source": "folder", "path": str(photos)}))
-    dvc(project, "repro", "split")
+    # the committed file holds tf_flowers' reviewed fixes: they do not stop a run on other photos
+    shutil.copy(ROOT / "corrections.csv", project / "corrections.csv")
+    result = dvc(project, "repro", "split")
+    rows = len(read_corrections(ROOT / "corrections.csv"))
+    assert f"({rows} rows of corrections.csv made for tf_flowers set aside: this data is photos)" in result.stdout
     raw = sorted(p.relative_to(project / "data/raw").as_posix() for p in (project / "data/raw").rglob("*.jpg"))
     moved, dropped = next(p for p in raw if p.startswith("class_0/")), next(p for p in raw if p.startswith("class_1/"))
     corrections = project / "corrections.csv"
@@ -77,7 +82,7 @@ def test_corrections_are_a_dependency_that_the_split_stage_applies(tmp_path):
     result = dvc(project, "repro", "split")
     assert "1 excluded, 1 relabelled" in result.stdout
     summary = json.loads((project / "reports/split/summary.json").read_text())
-    assert summary["corrections"] == {"excluded": 1, "relabelled": 1, "skipped": 0}
+    assert summary["corrections"] == {"excluded": 1, "relabelled": 1, "skipped": 0, "other_data": 0}
     assert [sum(summary[s][c] for s in ("train", "val", "test")) for c in ("class_0", "class_1", "class_2")] == [9, 9, 11]
     with (project / "data/split/manifest.csv").open() as fh:
         rows = {row["source"]: row for row in csv.DictReader(fh)}

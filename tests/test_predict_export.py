@@ -4,17 +4,18 @@ import json
 
 import numpy as np
 import pytest
+from conftest import COLORS, make_image, tiny_params
 from PIL import Image
 
-from imgclf import models, training
-from imgclf.datasets import ImageSet, batches
-from imgclf.export import export_all, saved_model_predictor, tflite_predictor
-from imgclf.inference import inference_batch_size, predict_probs
-from imgclf.modelio import ModelInfo, save_model
+from imgclf.data.datasets import ImageSet, batches
+from imgclf.model import models
+from imgclf.model.modelio import ModelInfo, save_model
 from imgclf.params import params_from_dict
 from imgclf.predict import main as predict_main
 from imgclf.predict import predict_files
-from conftest import COLORS, make_image, tiny_params
+from imgclf.serve.export import export_all, saved_model_predictor, tflite_predictor
+from imgclf.serve.inference import inference_batch_size, predict_probs
+from imgclf.train import training
 
 NAMES = ["red", "green", "blue"]
 

@@ -1,14 +1,14 @@
-"""The training rules, written once (imgclf/rules.py), decide alike in Keras' fit and in the
+"""The training rules, written once (imgclf/train/rules.py), decide alike in Keras' fit and in the
 multi-worker loop, and as Keras' own callbacks would."""
 import keras
 import numpy as np
 import pytest
-
-from imgclf import distributed, training
-from imgclf.datasets import ImageSet
-from imgclf.params import params_from_dict
-from imgclf.rules import MIN_LEARNING_RATE, PLATEAU_FACTOR, RuleKeeper, TrainingRules
 from conftest import tiny_params
+
+from imgclf.data.datasets import ImageSet
+from imgclf.params import params_from_dict
+from imgclf.train import distributed, training
+from imgclf.train.rules import MIN_LEARNING_RATE, PLATEAU_FACTOR, RuleKeeper, TrainingRules
 
 
 def scripted(losses, rules, rate=1e-3):

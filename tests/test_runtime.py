@@ -4,12 +4,14 @@ import numpy as np
 import pytest
 from conftest import COLORS, make_image, tiny_params
 
-from imgclf import inference, models, training
-from imgclf.activations import compute_outputs
-from imgclf.datasets import ImageSet
+from imgclf.data.datasets import ImageSet
 from imgclf.errors import StageError
-from imgclf.inference import ParityError, predict_probs, runner, runner_for
+from imgclf.model import models
 from imgclf.params import params_from_dict
+from imgclf.serve import inference
+from imgclf.serve.inference import ParityError, predict_probs, runner, runner_for
+from imgclf.train import training
+from imgclf.train.activations import compute_outputs
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@ import csv
 import hashlib
 from collections import Counter
 
-from imgclf.params import SplitParams
-from imgclf.split import assign, list_class_images, write_split
 from conftest import make_folder
+
+from imgclf.data.split import assign, list_class_images, write_split
+from imgclf.params import SplitParams
 
 FRACTIONS = SplitParams(0.7, 0.15, 0.15, "corrections.csv")
 

@@ -7,13 +7,15 @@ import os
 
 import numpy as np
 import pytest
-
-from imgclf import project, store, training
-from imgclf.datasets import ImageSet, batches, list_subset
-from imgclf.images import decode_rgb
-from imgclf.params import params_from_dict
-from imgclf.errors import DataError
 from conftest import make_folder, run_program, tiny_params
+
+from imgclf import project
+from imgclf.data import store
+from imgclf.data.datasets import ImageSet, batches, list_subset
+from imgclf.data.images import decode_rgb
+from imgclf.errors import DataError
+from imgclf.params import params_from_dict
+from imgclf.train import training
 
 
 def test_records_round_trip_in_any_order(tmp_path):
@@ -80,7 +82,7 @@ def test_an_interrupted_build_leaves_no_store_and_no_half_written_files(tmp_path
             raise KeyboardInterrupt  # Ctrl-C in the middle of the second split
         return decode_rgb(path, size)
 
-    monkeypatch.setattr("imgclf.images.decode_rgb", failing)
+    monkeypatch.setattr("imgclf.data.images.decode_rgb", failing)
     with pytest.raises(KeyboardInterrupt):
         store.build_image_store(subsets, names, 32, target, tmp_path)
     assert sorted(p.name for p in target.parent.iterdir()) == ["transfer"]

@@ -1,5 +1,6 @@
-"""The package's shape: its import graph (imports inside functions included) has no cycles,
-and every expected failure shares one base class that run_stage turns into one line."""
+"""The package's shape: subpackages in layers that import only downward (imports inside functions
+included), no import cycles, and every expected failure sharing one base class that run_stage
+turns into one line."""
 import os
 
 import pytest
@@ -8,15 +9,52 @@ from conftest import ROOT, run_program
 from imgclf.project import STAGE_TIME_LIMIT_ENV
 from test_dvc_wiring import imported_modules
 
-MODULES = sorted(p for p in (ROOT / "imgclf").glob("*.py") if p.name != "__init__.py")
+MODULES = sorted(p for p in (ROOT / "imgclf").rglob("*.py") if p.name != "__init__.py")
+# Lowest first: a module may import from its own layer and the layers before it. "core" is the
+# modules at the top of the package; the commands (python -m imgclf.<name>) sit above everything.
+LAYERS = ["core", "data", "model", "serve", "track", "train", "commands"]
+COMMANDS = {"imgclf.predict", "imgclf.team", "imgclf.review"}
+
+
+def module_name(path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    if module in COMMANDS:
+        return "commands"
+    return parts[1] if len(parts) > 2 else "core"
 
 
 def import_graph() -> dict[str, set[str]]:
     graph = {}
     for path in MODULES:
-        name = f"imgclf.{path.stem}"
-        graph[name] = {m for m in imported_modules(path) if m.startswith("imgclf.") and m != name}
+        name = module_name(path)
+        graph[name] = {m for m in imported_modules(path)
+                       if m.startswith("imgclf.") and m != name and (ROOT / m.replace(".", "/")).with_suffix(".py").exists()}
     return graph
+
+
+def test_every_module_belongs_to_a_layer_and_subpackages_say_what_they_own():
+    for path in MODULES:
+        assert layer(module_name(path)) in LAYERS, path
+    for package in sorted(p for p in (ROOT / "imgclf").iterdir() if p.is_dir() and p.name != "__pycache__"):
+        assert package.name in LAYERS, f"imgclf/{package.name}/ is not in LAYERS"
+        doc = (package / "__init__.py").read_text().strip()
+        assert doc.startswith('"""') and len(doc) > 80, f"imgclf/{package.name}/__init__.py: say what it owns"
+
+
+def test_imports_go_only_downward_between_layers():
+    upward = [f"{module} ({layer(module)}) imports {dep} ({layer(dep)})"
+              for module, deps in import_graph().items() for dep in sorted(deps)
+              if LAYERS.index(layer(dep)) > LAYERS.index(layer(module))]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_a_command():
+    for module, deps in import_graph().items():
+        assert not deps & COMMANDS, f"{module} imports {sorted(deps & COMMANDS)}"
 
 
 def test_the_import_graph_has_no_cycles():

@@ -13,7 +13,18 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-from conftest import clean_env, dvc, free_port, make_folder, make_project, mlflow_server, run, stop, tiny_params, wait_until
+from conftest import (
+    clean_env,
+    dvc,
+    free_port,
+    make_folder,
+    make_project,
+    mlflow_server,
+    run,
+    stop,
+    tiny_params,
+    wait_until,
+)
 
 BUCKET = "team-bucket"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -264,7 +275,7 @@ def test_server_and_database_restarts_lose_nothing_and_a_killed_stage_is_closed_
     on another machine that beats recently."""
     from mlflow.tracking import MlflowClient
 
-    from imgclf.liveness import BOOT_TAG, FOUND_DEAD_TAG, HEARTBEAT_TAG, HOST_TAG, PID_TAG, START_TAG
+    from imgclf.track.liveness import BOOT_TAG, FOUND_DEAD_TAG, HEARTBEAT_TAG, HOST_TAG, PID_TAG, START_TAG
 
     database = Postgres(tmp_path / "pg")
     try:

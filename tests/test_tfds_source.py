@@ -3,11 +3,11 @@ import io
 
 import numpy as np
 import tensorflow_datasets as tfds
+from conftest import COLORS, make_image
 from PIL import Image
 
-from imgclf.ingest import ingest
-from imgclf.sources import iter_tfds
-from conftest import COLORS, make_image
+from imgclf.data.ingest import ingest
+from imgclf.data.sources import iter_tfds
 
 LABELS = ["daisy", "roses", "tulips"]
 

@@ -5,10 +5,20 @@ import sys
 import time
 
 import pytest
+from conftest import (
+    PROGRAMS,
+    ROOT,
+    clean_env,
+    dvc,
+    free_port,
+    make_folder,
+    make_project,
+    mlflow_server,
+    run,
+    tiny_params,
+)
 
-from imgclf.tracking import TrackingError, check_server, main_project_root, tracking_uri
-from conftest import (PROGRAMS, ROOT, clean_env, dvc, free_port, make_folder, make_project, mlflow_server, run,
-                      tiny_params)
+from imgclf.track.tracking import TrackingError, check_server, main_project_root, tracking_uri
 
 
 def test_queued_experiment_copies_map_to_the_main_project(tmp_path, monkeypatch):
@@ -79,7 +89,7 @@ def test_parent_run_is_running_while_a_stage_runs_and_spans_all_stages(tmp_path,
     from mlflow.tracking import MlflowClient
 
     from imgclf.params import params_from_dict
-    from imgclf.tracking import stage_run
+    from imgclf.track.tracking import stage_run
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.chdir(tmp_path)

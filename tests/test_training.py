@@ -3,13 +3,14 @@
 import keras
 import numpy as np
 import pytest
-
-from imgclf import models, training
-from imgclf.activations import backbone_cut, compute_activations
-from imgclf.datasets import ImageSet, load_subset
-from imgclf.modelio import ModelInfo, load_model, save_model
-from imgclf.params import params_from_dict
 from conftest import COLORS, make_image, tiny_params
+
+from imgclf.data.datasets import ImageSet, load_subset
+from imgclf.model import models
+from imgclf.model.modelio import ModelInfo, load_model, save_model
+from imgclf.params import params_from_dict
+from imgclf.train import training
+from imgclf.train.activations import backbone_cut, compute_activations
 
 
 def tiny_set(n_per_class=8, classes=3, size=32, seed=0) -> ImageSet:
@@ -136,8 +137,8 @@ def test_finetune_unfreezes_top_layers_but_keeps_batchnorm_statistics(cached, vi
 
 
 def test_mixup_blends_each_example_with_its_mirror_and_repeats_on_rerun():
-    from imgclf.augment import mixup
-    from imgclf.datasets import batches
+    from imgclf.data.datasets import batches
+    from imgclf.train.augment import mixup
 
     count = 16
     inputs = np.random.default_rng(0).normal(size=(count, 4, 4, 2)).astype("float32")
@@ -238,7 +239,7 @@ def test_finetune_cosine_schedule_warms_up_then_decays_to_zero_with_mixup(tmp_pa
 
 
 def test_random_square_crop_keeps_size_and_a_large_part_of_each_image():
-    from imgclf.augment import RandomSquareCrop
+    from imgclf.train.augment import RandomSquareCrop
 
     size, crop = 32, 0.25
     columns = np.tile(np.arange(size, dtype=np.float32), (size, 1))  # pixel value = column index
@@ -263,7 +264,7 @@ def test_split_images_load_with_class_names(tmp_path):
 
 
 def test_separable_baseline_saves_reloads_and_explains(tmp_path):
-    from imgclf.gradcam import gradcam
+    from imgclf.serve.gradcam import gradcam
 
     params = params_for(baseline={"separable": True, "convs_per_block": 2, "filters": [8, 16, 32]})
     model = models.build_baseline(params.baseline, 3)
@@ -296,7 +297,7 @@ def test_the_kept_weights_are_those_of_the_reported_epoch():
     result = baseline(train, val, params)
     summary = result.summary()
     result.model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=params.train.label_smoothing))
-    from imgclf.datasets import batches
+    from imgclf.data.datasets import batches
 
     loss = result.model.evaluate(batches(val, 8), verbose=0, return_dict=True)["loss"]
     assert loss == pytest.approx(summary["val_loss"], rel=1e-4)
@@ -306,9 +307,9 @@ def test_finetune_members_train_apart_and_serve_as_one_calibrated_model(tmp_path
     """``finetune.members: 2``: two tops trained from the same head, one image model averaging their
     probabilities over the shared frozen bottom; calibration folds one temperature into both; the
     saved file loads in safe mode and predicts the same; Grad-CAM explains it."""
-    from imgclf import calibration
-    from imgclf.gradcam import gradcam, split_at_feature_map
-    from imgclf.inference import ensemble_members
+    from imgclf.serve.gradcam import gradcam, split_at_feature_map
+    from imgclf.serve.inference import ensemble_members
+    from imgclf.train import calibration
 
     params = params_for(finetune={"unfreeze_layers": 20, "learning_rate": 1e-2, "epochs": 2, "members": 2})
     configure(params)

@@ -9,9 +9,9 @@ import threading
 
 import psutil
 import tensorflow  # noqa: F401 - the stage process has TensorFlow's threads
-
-from imgclf.audit import audit
 from test_audit import CLASSES, PARAMS, clustered_sets
+
+from imgclf.serve.audit import audit
 
 psutil.cpu_count = lambda logical=True: 4  # cleanlab sizes its process pool by physical cores
 forks = []

@@ -3,11 +3,11 @@ with ``hang``, waits forever)."""
 import sys
 import threading
 
-from imgclf.distributed import DistributedError
+from imgclf.cluster import DistributedError
 from imgclf.errors import DataError
 from imgclf.params import ParamsError
 from imgclf.project import run_stage
-from imgclf.tracking import TrackingError
+from imgclf.track.tracking import TrackingError
 
 FAILURES = {
     "params": lambda: ParamsError("model.backbone", "bad"),

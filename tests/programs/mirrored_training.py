@@ -2,15 +2,19 @@
 MIRRORED-OK 2. Run by tests/test_distributed.py in its own process (the devices must be set
 before TensorFlow starts)."""
 import tensorflow as tf
+
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import pathlib, tempfile
+import pathlib
+import tempfile
+
 import numpy as np
-from imgclf import distributed, training
-from imgclf.activations import backbone_cut, compute_activations
-from imgclf.datasets import ImageSet
-from imgclf.params import params_from_dict
 from conftest import COLORS, make_image, tiny_params
+
+from imgclf.data.datasets import ImageSet
+from imgclf.params import params_from_dict
+from imgclf.train import distributed, training
+from imgclf.train.activations import backbone_cut, compute_activations
 
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 distributed.strategy = lambda: mirrored

@@ -1,12 +1,15 @@
 """Trains the baseline for one epoch from a store (argv[1]), streamed or held in memory
 (argv[2]: stream | memory), in a fresh process, and prints its peak resident memory in MiB."""
 import sys
+
 import numpy as np
-from imgclf import store, training
-from imgclf.project import limit_malloc_arenas
-from imgclf.datasets import ImageSet
-from imgclf.params import params_from_dict
 from conftest import tiny_params
+
+from imgclf.data import store
+from imgclf.data.datasets import ImageSet
+from imgclf.params import params_from_dict
+from imgclf.project import limit_malloc_arenas
+from imgclf.train import training
 
 folder, mode = sys.argv[1], sys.argv[2]
 limit_malloc_arenas()  # as every stage does (run_stage)

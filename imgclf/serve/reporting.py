@@ -1,6 +1,6 @@
 """Writing evaluate's reports: per-model text and tables, prediction CSVs for DVC's confusion
 plots, figures, and the baseline-vs-transfer comparison. File I/O only; the numbers come from
-:func:`imgclf.evaluation.assess`."""
+:func:`imgclf.serve.evaluation.assess`."""
 from __future__ import annotations
 
 import csv

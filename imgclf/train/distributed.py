@@ -7,7 +7,7 @@ gradients are summed across all of them, so their weights stay equal. Only the c
 
 Keras 3's ``model.fit`` does not run under this strategy (keras-team/keras#20585), so training
 there goes through :func:`fit`, a small loop that applies the same training rules as Keras' fit
-(:mod:`imgclf.rules`: the best epoch kept, early stopping, the learning rate cut on a plateau) and
+(:mod:`imgclf.train.rules`: the best epoch kept, early stopping, the learning rate cut on a plateau) and
 logs the same history. Decisions are taken on numbers all-reduced across workers, so workers never
 diverge.
 A worker that dies makes the others fail within :data:`COLLECTIVE_TIMEOUT_S` with one line,
@@ -16,64 +16,17 @@ instead of waiting forever.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import time
-from typing import Any
 
 import numpy as np
 
-from . import console
-from .errors import StageError
-from .params import TrainParams
+from .. import console
+from ..cluster import DistributedError, cluster, task_name
+from ..params import TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
 COLLECTIVE_TIMEOUT_S = 60  # an all-reduce waiting longer than this means a worker is gone
-
-
-class DistributedError(StageError, RuntimeError):
-    """TF_CONFIG is malformed, or a worker of the cluster was lost."""
-
-
-def cluster() -> dict[str, Any] | None:
-    """The parsed ``TF_CONFIG`` (None when unset); a DistributedError naming what is wrong."""
-    raw = os.environ.get("TF_CONFIG", "").strip()
-    if not raw:
-        return None
-    try:
-        config = json.loads(raw)
-        workers = config["cluster"].get("worker", [])
-        chiefs = config["cluster"].get("chief", [])
-        kind, index = config["task"]["type"], int(config["task"]["index"])
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DistributedError(f"TF_CONFIG: expected {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, "
-                               f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}} ({type(err).__name__}: {err})")
-    members = {"worker": workers, "chief": chiefs}
-    if kind not in members or not 0 <= index < len(members[kind]):
-        raise DistributedError(f"TF_CONFIG: task {kind}:{index} is not in the cluster {config['cluster']}")
-    return config
-
-
-def is_chief() -> bool:
-    """True on a single machine, and on the one task of a cluster that writes outputs."""
-    config = cluster()
-    if config is None:
-        return True
-    kind, index = config["task"]["type"], int(config["task"]["index"])
-    return kind == "chief" or (kind == "worker" and index == 0 and not config["cluster"].get("chief"))
-
-
-def task_name() -> str:
-    config = cluster()
-    return "local" if config is None else f"{config['task']['type']}:{config['task']['index']}"
-
-
-def require_single_machine(stage: str) -> None:
-    """Stages that do not train run on one machine: a DistributedError under TF_CONFIG."""
-    if cluster() is not None:
-        raise DistributedError(f"TF_CONFIG is set, but the {stage} stage runs on one machine: only baseline, "
-                               "head and finetune train across machines; run it without TF_CONFIG")
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,13 +62,13 @@ def lost_worker(err: Exception) -> DistributedError:
 def fit(strategy, model, train_set, val_set, train: TrainParams, rules: TrainingRules, *, seed: int, augment,
         mix=None, steps_per_epoch: int | None, on_epoch: EpochHook | None) -> dict[str, list[float]]:
     """Train ``model`` (compiled, built in ``strategy``'s scope) across the cluster under the
-    training ``rules`` (:mod:`imgclf.rules`, as Keras' fit applies them); returns the per-epoch
+    training ``rules`` (:mod:`imgclf.train.rules`, as Keras' fit applies them); returns the per-epoch
     history. ``train.batch_size`` is the global batch: each of the workers' replicas takes
     ``batch_size / replicas`` examples of every step from its own shard of the shuffled data."""
     import keras
     import tensorflow as tf
 
-    from .datasets import batches
+    from ..data.datasets import batches
 
     batch_size, smoothing = train.batch_size, train.label_smoothing
     replicas = strategy.num_replicas_in_sync

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .images import close_pairs
-from .params import AuditParams
+from ..data.images import close_pairs
+from ..params import AuditParams
 
 LABEL_ISSUE_COLUMNS = ["path", "split", "given", "suggested", "score"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import console, distributed
-from .model_packaging import log_served_model
-from .modelio import ModelInfo, save_model
-from .project import Layout, write_json
-from .tracking import StageRun
+from .. import cluster, console
+from ..model.modelio import ModelInfo, save_model
+from ..project import Layout, write_json
+from ..track.model_packaging import log_served_model
+from ..track.tracking import StageRun
 from .training import TrainResult
 
 
@@ -41,9 +41,9 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     becomes the logged model's input example; ``register_as``: a Model Registry name for it.
     Returns the stage's line (:func:`training_line`)."""
     stage = info.stage
-    if distributed.cluster() is not None:  # the workers of a cluster end with equal weights: this shows it
-        print(f"{stage}: trained weights sha256 {weights_digest(result.model)} ({distributed.task_name()})")
-        if not distributed.is_chief():
+    if cluster.cluster() is not None:  # the workers of a cluster end with equal weights: this shows it
+        print(f"{stage}: trained weights sha256 {weights_digest(result.model)} ({cluster.task_name()})")
+        if not cluster.is_chief():
             return f"{stage}: not the chief of the cluster in TF_CONFIG: writes nothing"
     model_path = layout.model(stage)
     save_model(result.model, model_path, info)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.modelio import ModelInfo
 from .inference import litert_interpreter, predict_probs, serving_function
-from .modelio import ModelInfo
 
 
 def export_saved_model(model, directory: Path, tta: bool) -> None:
@@ -85,7 +85,7 @@ def size_mb(path: Path) -> float:
 
 def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_images: np.ndarray) -> dict:
     """Write SavedModel, TFLite files and class names; return sizes, latency and parity with
-    the pipeline's own inference (:func:`imgclf.inference.predict_probs`)."""
+    the pipeline's own inference (:func:`imgclf.serve.inference.predict_probs`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "saved_model"
     export_saved_model(model, saved, info.tta)

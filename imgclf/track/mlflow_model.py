@@ -2,7 +2,7 @@
 
 Logged as an MLflow "model from code": MLflow copies this file into the model and runs it on load,
 so it must not import the `imgclf` package (a serving machine need not have it). It imports the
-decoder from `imgclf_images`, a copy of `imgclf/images.py` shipped in the model's code folder, so a
+decoder from `imgclf_images`, a copy of `imgclf/data/images.py` shipped in the model's code folder, so a
 served photo is decoded exactly as in training (EXIF orientation, RGB, bilinear resize).
 
 Request: a column ``image`` of base64-encoded image files (JPEG, PNG...), e.g.
@@ -42,7 +42,7 @@ class ImageClassifier(PythonModel):
         images = np.stack([decode_rgb(_image_bytes(value), self.image_size)
                            for value in frame[IMAGE_COLUMN]]).astype(np.float32)
         probs = np.asarray(self.model(images, training=False))
-        if self.tta:  # as imgclf.inference.predict_probs: the mean with the mirror image
+        if self.tta:  # as imgclf.serve.inference.predict_probs: the mean with the mirror image
             probs = (probs + np.asarray(self.model(images[:, :, ::-1], training=False))) / 2
         answer = pd.DataFrame(probs.astype(np.float64), columns=self.class_names)
         answer.insert(0, LABEL_COLUMN, [self.class_names[i] for i in probs.argmax(axis=1)])

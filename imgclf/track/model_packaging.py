@@ -1,5 +1,5 @@
 """Packaging a trained model for MLflow: the model that `mlflow models serve` answers with
-(:mod:`imgclf.mlflow_model`: image files in, class names and probabilities out), its signature,
+(:mod:`imgclf.track.mlflow_model`: image files in, class names and probabilities out), its signature,
 input example and pinned requirements, and its version in the Model Registry."""
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import io
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import console, images
-from .modelio import read_metadata
+from .. import console
+from ..data import images
+from ..model.modelio import read_metadata
 from .tracking import StageRun
 
 
 def log_served_model(run: StageRun, model_path: Path, name: str, example, register_as: str = "") -> str | None:
     """Log a saved .keras model as the MLflow model that `mlflow models serve` answers with
-    (imgclf/mlflow_model.py: image files in, class names and probabilities out), the .keras
+    (imgclf/track/mlflow_model.py: image files in, class names and probabilities out), the .keras
     file inside it, with a signature and an input example (the first of ``example``, images
     as the model takes them, as a PNG file; the signature is written out, not inferred, as
     inference would run the model here). With ``register_as``, also register it in the

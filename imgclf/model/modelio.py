@@ -14,7 +14,7 @@ from pathlib import Path
 
 import keras
 
-from .errors import DataError
+from ..errors import DataError
 
 METADATA_ENTRY = "imgclf.json"
 

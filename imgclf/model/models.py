@@ -17,8 +17,8 @@ import keras
 import numpy as np
 from keras import layers
 
-from .network import RETRY_DELAYS, with_retries
-from .params import BaselineParams, ModelParams
+from ..network import RETRY_DELAYS, with_retries
+from ..params import BaselineParams, ModelParams
 
 BACKBONE_LAYER = "backbone"
 POOL_LAYER = "avg_pool"

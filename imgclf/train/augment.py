@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from .params import AugmentParams
+from ..params import AugmentParams
 
 
 class RandomSquareCrop(keras.layers.Layer):

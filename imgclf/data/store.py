@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 INFO_FILE = "info.json"
 DECODE_CHUNK = 256  # images decoded (in parallel threads) per write

@@ -1,7 +1,7 @@
 """The training rules, written once: keep the epoch with the lowest validation loss, stop early
 when it has not improved for ``patience`` epochs, and cut the learning rate when it has
-plateaued. Keras' fit applies them through :class:`imgclf.training.RulesCallback`; the multi-worker
-loop in :mod:`imgclf.distributed` calls :class:`RuleKeeper` directly, so both decide alike. Pure
+plateaued. Keras' fit applies them through :class:`imgclf.train.training.RulesCallback`; the multi-worker
+loop in :mod:`imgclf.train.distributed` calls :class:`RuleKeeper` directly, so both decide alike. Pure
 logic: no TensorFlow here."""
 from __future__ import annotations
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import calibration, console, distributed, models
+from .. import console
+from ..data.datasets import Examples, batches
+from ..errors import DataError
+from ..model import models
+from ..params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
+from ..serve.inference import ensemble_members, inference_batch_size, runner_for
+from . import calibration, distributed
 from .activations import Activations, compute_outputs
 from .augment import augmentation, mixup
-from .datasets import Examples, batches
-from .errors import DataError
-from .inference import ensemble_members, inference_batch_size, runner_for
-from .params import AugmentParams, BaselineParams, FinetuneParams, HeadParams, ModelParams, TrainParams
 from .rules import EpochHook, RuleKeeper, TrainingRules, record
 
 
@@ -110,7 +112,7 @@ def fit(model: keras.Model, train_set: Examples, val_set: Examples, train: Train
     ``rules`` (the best epoch's weights kept, early stopping, learning rate cut on a plateau).
     ``steps_per_epoch``: an epoch of that many batches from an endless reshuffled stream (several
     cached views per image). ``mix``: a batch-level blend of inputs and labels (mixup). Under
-    ``TF_CONFIG``, across the cluster (:func:`imgclf.distributed.fit`)."""
+    ``TF_CONFIG``, across the cluster (:func:`imgclf.train.distributed.fit`)."""
     started = time.perf_counter()
     multi_worker = distributed.multi_worker_strategy()
     if multi_worker is not None:
@@ -254,7 +256,7 @@ def train_finetune(model: keras.Model, train_set: Examples, val_set: Examples, f
     epoch on one view of every image: the original, or one of ``cached_views - 1`` augmented
     copies (computed here, into ``workdir``). With ``finetune.members`` above 1, that many tops train
     from the head, one after the other, and the result is one image model averaging their
-    probabilities over the shared bottom (:func:`imgclf.models.build_ensemble`). Without the
+    probabilities over the shared bottom (:func:`imgclf.model.models.build_ensemble`). Without the
     activations, the whole model runs every step with fresh augmentation on ``train_set``/``val_set``
     (images).
     """
@@ -338,7 +340,7 @@ def accuracy(model: keras.Model, examples: Examples) -> float:
 
 
 def runtime_numbers(name: str, report: dict) -> dict[str, float]:
-    """A pass's runtime report (:func:`imgclf.inference.runner`) as numbers for a phase summary."""
+    """A pass's runtime report (:func:`imgclf.serve.inference.runner`) as numbers for a phase summary."""
     numbers = {f"{name}_on_litert": int(report["runtime"] == "litert")}
     if "parity" in report:
         numbers[f"{name}_parity_max_abs_diff"] = report["parity"]["max_abs_diff"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import DataError
+from ..errors import DataError
 from .images import NEAR_DUPLICATES_FILE, BadImageError, inspect_bytes, near_duplicate_groups, normalized_bytes
 from .sources import SourceImage
 

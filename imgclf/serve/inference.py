@@ -24,10 +24,10 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import console
-from .concurrency import cpu_threads
-from .datasets import Examples, ImageSet, batches
-from .errors import StageError
+from .. import console
+from ..concurrency import cpu_threads
+from ..data.datasets import Examples, ImageSet, batches
+from ..errors import StageError
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
@@ -191,7 +191,7 @@ def litert_interpreter(path: Path, input_shape: tuple[int, ...]):
 
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The models whose probabilities ``model`` averages (an ensemble of fine-tuned tops, or an image
-    model ending in one: :func:`imgclf.models.build_ensemble`), or ``[model]``."""
+    model ending in one: :func:`imgclf.model.models.build_ensemble`), or ``[model]``."""
     last = model.layers[-1]
     if isinstance(last, keras.layers.Average):
         return [layer for layer in model.layers if isinstance(layer, keras.Model)]

@@ -15,9 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from ..errors import DataError
+from ..params import SplitParams
 from .images import NEAR_DUPLICATES_FILE, is_image_path
-from .params import SplitParams
 
 SPLITS = ("train", "val", "test")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn import metrics as skm
 
-from .params import EvaluateParams
+from ..params import EvaluateParams
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Examples (images or cached backbone outputs) as tf.data pipelines.
 
 Anything with ``labels``, ``class_names``, ``record_shape``, ``dtype`` and ``read(indices)``
-is a set of examples: a split of an on-disk store (:class:`imgclf.store.StoredSet`, what
+is a set of examples: a split of an on-disk store (:class:`imgclf.data.store.StoredSet`, what
 the stages use) or an in-memory :class:`ImageSet` (tests, benchmarks). Pipelines shuffle
 indices only and read each batch's records when it is needed, so memory does not grow
 with the number of examples.
@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .images import is_image_path
 
 
@@ -98,7 +98,7 @@ def batches(examples: Examples, batch_size: int, shuffle: bool = False, seed: in
     parallel map. With the same seed the order equals that of shuffling the examples themselves.
     ``shard=(count, index)``: every ``count``-th index of that order from ``index`` on (one
     worker's share, under multi-worker training). ``mix``: a function of a batch's number, inputs and
-    labels applied after ``augment`` (:func:`imgclf.augment.mixup`).
+    labels applied after ``augment`` (:func:`imgclf.train.augment.mixup`).
     """
     import tensorflow as tf
 

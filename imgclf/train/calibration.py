@@ -12,9 +12,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from .datasets import Examples, batches
-from .evaluation import expected_calibration_error
-from .inference import ensemble_members, inference_batch_size
+from ..data.datasets import Examples, batches
+from ..serve.evaluation import expected_calibration_error
+from ..serve.inference import ensemble_members, inference_batch_size
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

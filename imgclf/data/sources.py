@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
-from .network import NetworkError, cached_download, check_reachable, sha256_file, short_reason, transient
-from .params import DataParams, ParamsError
+from ..errors import DataError
+from ..network import NetworkError, cached_download, check_reachable, sha256_file, short_reason, transient
+from ..params import DataParams, ParamsError
 
 
 @dataclass(frozen=True)

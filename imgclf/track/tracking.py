@@ -18,9 +18,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import StageError
+from ..errors import StageError
+from ..params import Params
 from .liveness import FOUND_DEAD_TAG, HEARTBEAT_TAG, Heartbeat, close_dead_runs, proc_stat, this_process
-from .params import Params
 
 PIPELINE_KEY_TAG = "imgclf.pipeline_key"
 RUN_KIND_TAG = "imgclf.run_kind"
@@ -330,7 +330,7 @@ def stage_run(stage: str, params: Params, root: Path) -> Iterator[StageRun]:
     With ``mlflow.enabled: false``, and on every worker of a multi-worker cluster but the chief
     (``TF_CONFIG``), this yields an inactive run and touches nothing.
     """
-    from .distributed import is_chief
+    from ..cluster import is_chief
 
     if not params.mlflow.enabled or not is_chief():
         yield StageRun()

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .images import decode_rgb  # noqa: E402
+from ..data.images import decode_rgb  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -10,16 +10,17 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from . import distributed, models
-from .datasets import Examples
-from .errors import DataError
-from .inference import Runner, run_outputs, runner_for
-from .params import FinetuneParams, ModelParams
-from .store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
+from ..data.datasets import Examples
+from ..data.store import RecordFile, RecordWriter, StoredSet, building, open_split, read_info, write_index, write_info
+from ..errors import DataError
+from ..model import models
+from ..params import FinetuneParams, ModelParams
+from ..serve.inference import Runner, run_outputs, runner_for
+from . import distributed
 
 
 def compute_outputs(model: keras.Model | Runner, examples: Examples, path: Path, augment=None) -> StoredSet:
-    """Run a frozen ``model`` (or its :class:`~imgclf.inference.Runner`) once over every example,
+    """Run a frozen ``model`` (or its :class:`~imgclf.serve.inference.Runner`) once over every example,
     streaming its float32 outputs into the record file ``path`` (``.npy``); returns them as
     examples with the same labels and paths."""
     keras_model = model.model if isinstance(model, Runner) else model
