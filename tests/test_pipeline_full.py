@@ -208,7 +208,7 @@ def test_repro_prints_dvc_lines_and_one_line_per_stage(project):
     assert sorted(stages) == sorted(STAGES_RUN), ours
     assert all(re.search(r"\((\d+\.\d|\d+) s\)$|\(\d+ min \d\d s\)$", line) for line in ours if line not in warnings), ours
     assert next(line for line in ours if line.startswith("download: ")).startswith(
-        "download: 41 images in 3 classes (1 skipped)")
+        "download: 42 images in 3 classes (1 skipped)")
 
 
 def test_dvc_metrics_and_plots_show(project, tmp_path):
