@@ -86,6 +86,16 @@ class Layout:
         return self.root / "reports" / stage
 
 
+CACHE_ENV = "IMGCLF_CACHE_DIR"
+
+
+def user_cache(kind: str) -> Path:
+    """A folder of this user's cache, outside DVC's outputs (converted models, thumbnails):
+    ``$IMGCLF_CACHE_DIR/<kind>``, else ``$XDG_CACHE_HOME/imgclf/<kind>`` or ``~/.cache/imgclf/<kind>``."""
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgclf"
+    return Path(base) / kind
+
+
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

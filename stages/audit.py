@@ -33,6 +33,7 @@ def main() -> str:
         write_csv(reports / "cross_split_copies.csv", report.copies,
                   ["path_a", "split_a", "path_b", "split_b", "similarity"])
         write_json(layout.summary("audit"), {**report.summary, "runtime": runtimes})
+        write_json(reports / "suspects.json", {"classes": test.class_names, "suspects": report.suspects})
         write_json(layout.root / "metrics" / "suspects.json", {"suspects": report.summary["suspects"]})
         shown = report.label_issues[:params.audit.gallery_size]
         figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.2g}")

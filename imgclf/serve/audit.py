@@ -15,6 +15,8 @@ from ..data.images import close_pairs
 from ..params import AuditParams
 
 LABEL_ISSUE_COLUMNS = ["path", "split", "given", "suggested", "score"]
+TOP_CLASSES = 3  # the out-of-sample probabilities shown beside a suspect
+NEIGHBOURS = 4  # photos of its given and of its suggested class, nearest in feature space, shown beside it
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,45 @@ def label_issues(sets: list[AuditSet], probs: list[np.ndarray], class_names: lis
     return sorted(rows, key=lambda r: (r["score"], r["path"]))
 
 
+def suspect_details(sets: list[AuditSet], probs: list[np.ndarray], rows: list[dict],
+                    class_names: list[str]) -> list[dict]:
+    """The flagged rows of :func:`label_issues` (score order), each with its top classes and the
+    photos nearest to it (cosine similarity of the features) among those labelled with its given
+    and with its suggested class: what a person reviewing it compares it with."""
+    flagged = [row for row in rows if row["issue"]]
+    if not flagged:
+        return []
+    features = np.concatenate([s.features for s in sets]).astype(np.float32)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    labels = np.concatenate([s.labels for s in sets])
+    paths = [p for s in sets for p in s.paths]
+    p_all = np.concatenate(probs)
+    where = {path: i for i, path in enumerate(paths)}
+    members = [np.flatnonzero(labels == c) for c in range(len(class_names))]
+    index = {name: c for c, name in enumerate(class_names)}
+    out = []
+    block = max(16, _BLOCK_ELEMENTS // max(len(paths), 1))
+    for start in range(0, len(flagged), block):
+        chunk = flagged[start:start + block]
+        rows_i = np.array([where[row["path"]] for row in chunk])
+        similarity = features[rows_i] @ features.T  # one block of suspects against every image
+        similarity[np.arange(len(chunk)), rows_i] = -np.inf  # never its own neighbour
+        for k, (row, i) in enumerate(zip(chunk, rows_i)):
+            top = np.argsort(-p_all[i])[:TOP_CLASSES]
+            near = {}
+            for side in ("given", "suggested"):
+                candidates = members[index[row[side]]]
+                best = candidates[np.argsort(-similarity[k, candidates])[:NEIGHBOURS]]
+                near[side] = [paths[j] for j in best if j != i]
+            out.append({**{key: row[key] for key in LABEL_ISSUE_COLUMNS},
+                        "top": [[class_names[c], round(float(p_all[i, c]), 4)] for c in top],
+                        "like_given": near["given"], "like_suggested": near["suggested"]})
+    return out
+
+
+_BLOCK_ELEMENTS = 4 * 2**20  # 16 MiB of float32 similarities per block of suspects
+
+
 def outliers(sets: list[AuditSet], class_names: list[str]) -> list[dict]:
     """Images least like the rest (cleanlab's out-of-distribution score on the features: the
     mean distance to their nearest neighbours; low = unusual), most unusual first."""
@@ -182,6 +223,7 @@ class AuditReport:
     outliers: list[dict]
     copies: list[dict]
     summary: dict
+    suspects: list[dict]  # the flagged label issues with what reviewing them needs (suspect_details)
 
 
 def audit(sets: list[AuditSet], class_names: list[str], params: AuditParams, seed: int) -> AuditReport:
@@ -191,10 +233,11 @@ def audit(sets: list[AuditSet], class_names: list[str], params: AuditParams, see
         check_auditable(sets, class_names, params.folds)
     except AuditSkipped as reason:
         return AuditReport([], [], [], {"suspects": 0, "images": sum(len(s.labels) for s in sets),
-                                        "skipped": str(reason)})
+                                        "skipped": str(reason)}, [])
     probs = out_of_sample_probs(sets, len(class_names), params.folds, seed)
     rows = label_issues(sets, probs, class_names)
     copies = cross_split_copies(sets, params.copy_similarity)
     summary = summarize(rows, class_names, params)
     summary["cross_split_copies"] = len(copies)
-    return AuditReport(rows, outliers(sets, class_names), copies, summary)
+    return AuditReport(rows, outliers(sets, class_names), copies, summary,
+                       suspect_details(sets, probs, rows, class_names))

@@ -28,6 +28,7 @@ from .. import console
 from ..concurrency import cpu_threads
 from ..data.datasets import Examples, ImageSet, batches
 from ..errors import StageError
+from ..project import user_cache
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
@@ -36,7 +37,6 @@ GPU_BATCH = 64
 CPU_BATCH_PIXELS = 4 * 224 * 224
 
 RUNTIME_ENV = "IMGCLF_RUNTIME"  # auto (default) | litert | keras
-CACHE_ENV = "IMGCLF_CACHE_DIR"  # converted models; default ~/.cache/imgclf
 # A conversion costs 5-10 s (MobileNetV2: 10 s on 2 cores) and saves ~19 ms an image: smaller
 # passes stay on Keras unless the model is already converted.
 CONVERT_MIN_IMAGES = 256
@@ -116,11 +116,6 @@ def choose_runtime(images: int, converted: bool) -> tuple[str, str]:
     if images < CONVERT_MIN_IMAGES and not converted:
         return "keras", f"{images} images: fewer than {CONVERT_MIN_IMAGES} do not repay a conversion"
     return "litert", "CPU"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "imgclf"
-    return Path(base) / "litert"
 
 
 def _layer_names(model: keras.Model) -> list[str]:
@@ -233,7 +228,7 @@ def runner(model: keras.Model, images: int, sample: np.ndarray) -> Runner:
     """The runner of a pass of ``images`` inputs through ``model``: LiteRT on a CPU (converted
     once, checked against Keras on ``sample``, the pass's first inputs), else Keras. A model
     LiteRT cannot convert runs on Keras with one warning line; a parity failure stops the stage."""
-    cached = cache_dir() / f"{fingerprint(model)}.tflite"
+    cached = user_cache("litert") / f"{fingerprint(model)}.tflite"
     runtime, why = choose_runtime(images, cached.exists())
     if runtime == "keras":
         return Runner(model, "keras", {"runtime": "keras", "why": why})
