@@ -72,26 +72,34 @@ class _FilteredImport(importlib.abc.MetaPathFinder):
 
     def __init__(self, name: str):
         self.name = name
+        self.finding = False
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        # a library may only ask whether TensorFlow is there (importlib.util.find_spec) long before
+        # importing it: stay in place until it is imported
+        if fullname != self.name or self.finding:
             return None
-        sys.meta_path.remove(self)  # once, and so that the real finders answer below
-        spec = importlib.util.find_spec(fullname)
+        self.finding = True  # the real finders answer the look-up below
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.finding = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _FilteredLoader(spec.loader)
+            spec.loader = _FilteredLoader(spec.loader, self)
         return spec
 
 
 class _FilteredLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, finder: _FilteredImport):
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         module.__spec__.loader = module.__loader__ = self.loader  # the package's own loader, after
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)  # imported once: nothing more to filter
         with native_log_filtered():
             self.loader.exec_module(module)
 

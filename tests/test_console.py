@@ -32,7 +32,9 @@ def test_verbose_keeps_every_native_line():
 
 
 def test_importing_tensorflow_through_the_package_prints_nothing():
-    code = "import imgclf\nimport tensorflow as tf\nprint(float(tf.constant(1.0) + 1))\n"
+    """Also after a library has only asked whether TensorFlow is there (as TFDS does)."""
+    code = ("import importlib.util\nimport imgclf\nassert importlib.util.find_spec('tensorflow')\n"
+            "import tensorflow_datasets\nimport tensorflow as tf\nprint(float(tf.constant(1.0) + 1))\n")
     env = {k: v for k, v in os.environ.items() if k not in (console.VERBOSE_ENV, "TF_CPP_MIN_LOG_LEVEL")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
