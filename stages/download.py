@@ -34,8 +34,10 @@ def main() -> str:
         console.warn(f"{console.count(len(report.skipped), 'file')} skipped (not a usable image), "
                      f"e.g. {report.skipped[0]['origin']}: {report.skipped[0]['reason']}; all in {details.relative_to(layout.root)}")
     if report.conflicts:
-        console.warn(f"{console.count(len(report.conflicts), 'image')} under two classes excluded, "
-                     f"e.g. {report.conflicts[0]['origins']}; all in {details.relative_to(layout.root)}")
+        first = report.conflicts[0]
+        console.warn(f"{console.count(len(report.conflicts), 'photo')} filed under two classes excluded, e.g. "
+                     f"{' and '.join(first['origins'])} ({', '.join(first['labels'])}); "
+                     f"all in {details.relative_to(layout.root)}")
     return download_line(report.summary())
 
 
