@@ -1,7 +1,9 @@
 """README screenshots from a real run: the MLflow UI (the experiment's runs, a fine-tuning run's
-curves, the registered model) and `dvc exp show` as a 120-column terminal shows it.
+curves, the registered model), `dvc exp show` as a 120-column terminal shows it, and the review page
+of the audit's suspects.
 
-    python docs/screenshots.py [PROJECT]     # PROJECT: a repository with runs (default: here)
+    python docs/screenshots.py [PROJECT]             # PROJECT: a repository with runs (default: here)
+    python docs/screenshots.py --review [PROJECT]    # the review page alone (PROJECT audited)
 
 Starts `mlflow server` on a free loopback port over PROJECT's mlflow.db, photographs pages with
 headless Chromium driven by Playwright (`apt install chromium`, `pip install playwright`: tools for
@@ -155,11 +157,34 @@ def exp_show_page(project: Path) -> None:
         screenshot(page.as_uri(), OUT / "dvc_exp_show.png", size=(1010, height), settle_s=0)
 
 
+def review_page(project: Path) -> None:
+    """`python -m imgclf.review` over PROJECT's audit, on its first suspect."""
+    first = json.loads((project / "reports/audit/suspects.json").read_text())["suspects"][0]["path"]
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "imgclf.review", "--port", str(port)], cwd=project,
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    try:
+        for _ in range(60):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            time.sleep(0.5)
+        screenshot(f"http://127.0.0.1:{port}/", OUT / "review_page.png", size=(1400, 900), ready=first, settle_s=2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
-    project = Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()
+    args = [a for a in sys.argv[1:] if a != "--review"]
+    project = Path(args[0] if args else ".").resolve()
     OUT.mkdir(exist_ok=True)
+    if "--review" in sys.argv:
+        review_page(project)
+        return
     exp_show_page(project)
     mlflow_pages(project)
+    review_page(project)
 
 
 if __name__ == "__main__":
