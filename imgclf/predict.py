@@ -16,7 +16,7 @@ from typing import Iterable, TextIO
 
 import numpy as np
 
-from .data.images import BadImageError, decode_rgb, inspect_bytes
+from .data.images import BadImageError, decode_checked
 from .progress import Progress
 
 
@@ -45,21 +45,12 @@ def load_batch(paths: list[Path], size: int) -> tuple[np.ndarray, list[Path], li
             bad.append((str(path), f"unreadable: {err}"))
             continue
         try:
-            arrays.append(decode_rgb(data, size))
+            arrays.append(decode_checked(data, size))
             good.append(path)
-        except Exception as err:  # noqa: BLE001 - any decode failure: ask the validator why
-            bad.append((str(path), _reason(data, err)))
+        except BadImageError as reason:
+            bad.append((str(path), str(reason)))
     images = np.stack(arrays).astype(np.float32) if arrays else np.empty((0, size, size, 3), np.float32)
     return images, good, bad
-
-
-def _reason(data: bytes, err: Exception) -> str:
-    """The validator's reason for a file that failed to decode (same wording as training)."""
-    try:
-        inspect_bytes(data)
-    except BadImageError as bad:
-        return str(bad)
-    return f"cannot decode: {err}"
 
 
 def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[dict]:

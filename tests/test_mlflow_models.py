@@ -50,6 +50,53 @@ def test_epochs_are_logged_while_training_and_the_experiment_is_a_training_one(s
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def bad_images(folder) -> list[tuple[str, str]]:
+    """Request rows that are no good image, base64-encoded as a client sends them, and the start of
+    what the served model must answer for each: a text file, a truncated JPEG, a decompression bomb
+    (100 megapixels of one colour: a small PNG), and something that is not base64."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.fromarray(make_image(1, COLORS[0], 64)).save(jpeg, "JPEG", quality=90)
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, "PNG")
+    encoded = [base64.b64encode(data).decode() for data in (b"just some text", jpeg.getvalue()[:400], bomb.getvalue())]
+    return [(encoded[0], "not an image"), (encoded[1], "corrupt or truncated image"),
+            (encoded[2], "image too large"), ("%%% not base64 %%%", "not a base64-encoded image file")]
+
+
+def test_the_served_model_answers_every_good_row_and_names_each_bad_one(monkeypatch):
+    """One undecodable image does not fail the request: its row says why; the others are answered."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from imgclf.data import images
+
+    monkeypatch.setitem(sys.modules, "imgclf_images", images)  # the copy shipped in the model's code folder
+    from imgclf.track.mlflow_model import ImageClassifier
+
+    served = ImageClassifier()
+    served.class_names, served.image_size, served.tta = ["a", "b", "c"], 32, True
+    served.model = models.build_transfer_model(params_from_dict(tiny_params()).model, 3)
+    good = io.BytesIO()
+    Image.fromarray(make_image(2, COLORS[1], 48)).save(good, "PNG")
+    bad = bad_images(None)
+    rows = [base64.b64encode(good.getvalue()).decode(), *(value for value, _ in bad), good.getvalue()]
+    answer = served.predict(None, pd.DataFrame({"image": rows}))
+    assert list(answer.columns) == ["label", "error", "a", "b", "c"]
+    assert list(answer["error"][[0, 5]]) == ["", ""] and answer["label"][0] in ("a", "b", "c")
+    np.testing.assert_allclose(answer.loc[0, ["a", "b", "c"]].sum(), 1.0, atol=1e-5)
+    for i, (_, reason) in enumerate(bad, start=1):
+        assert answer["error"][i].startswith(reason) and answer["label"][i] == ""
+        assert answer.loc[i, ["a", "b", "c"]].isna().all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["mobilenetv2", "resnet50"])
 def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, backbone):
@@ -78,12 +125,14 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     assert registered.tags == {"dvc_exp_name": "exp-models", "git_commit": registered.tags["git_commit"]}
     logged = mlflow.models.get_model_info("models:/flowers/1")
     assert logged.signature.inputs.input_names() == ["image"]
-    assert logged.signature.outputs.input_names() == ["label", *names]
+    assert logged.signature.outputs.input_names() == ["label", "error", *names]
     assert logged.saved_input_example_info is not None  # an input example, shown in the UI
 
-    # a photo file larger than the model's input, sent as a user would: its bytes, base64
+    # a photo file larger than the model's input, sent as a user would: its bytes, base64; then rows
+    # that are no good image, in the same request
     photo = tmp_path / "photo.jpg"
     Image.fromarray(make_image(7, COLORS[2], 80)).save(photo, quality=90)
+    bad_rows = bad_images(tmp_path)
     port = free_port()
     # every process of the server starts with this project's package made unimportable
     blocker = tmp_path / "no_imgclf"
@@ -96,16 +145,21 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: answers(f"http://127.0.0.1:{port}/ping"), "mlflow models serve", server, timeout=180)
-        body = {"dataframe_records": [{"image": base64.b64encode(photo.read_bytes()).decode()}]}
+        rows = [{"image": base64.b64encode(photo.read_bytes()).decode()}] + [{"image": v} for v, _ in bad_rows]
+        body = {"dataframe_records": rows}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
     finally:
         stop(server)
-    (row,) = answer["predictions"]
+    assert status == 200 and "Traceback" not in text and "stack_trace" not in text
+    row, *answered_bad = json.loads(text)["predictions"]
     expected = predict_probs(model, decode_rgb(photo, 32)[None], tta=True)[0]
     np.testing.assert_allclose([row[n] for n in names], expected, atol=1e-5)
-    assert row["label"] == names[int(expected.argmax())]
+    assert row["label"] == names[int(expected.argmax())] and row["error"] == ""
+    for answered, (_, reason) in zip(answered_bad, bad_rows):
+        assert answered["label"] == "" and answered["error"].startswith(reason), answered
 
 
 def test_stage_runs_record_system_metrics_and_the_split_they_used(store, tmp_path, monkeypatch):

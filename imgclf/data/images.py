@@ -131,6 +131,24 @@ def decode_rgb(source: str | Path | bytes, size: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
+def decode_checked(data: bytes, size: int) -> np.ndarray:
+    """:func:`decode_rgb` for bytes from outside (a file to predict, a served request): a
+    BadImageError says what is wrong, in :func:`inspect_bytes`' words: not an image, corrupt or
+    truncated, or too large (a decompression bomb is refused from its header, never decoded)."""
+    if not data:
+        raise BadImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return decode_rgb(data, size)
+    except UnidentifiedImageError:
+        raise BadImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise BadImageError(f"image too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImageError(f"corrupt or truncated image: {err}") from None
+
+
 def load_images(paths: Sequence[str | Path], size: int, workers: int = 4) -> np.ndarray:
     """Decode and resize many files once, in parallel threads (PIL releases the GIL)."""
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)

@@ -7,9 +7,12 @@ served photo is decoded exactly as in training (EXIF orientation, RGB, bilinear 
 
 Request: a column ``image`` of base64-encoded image files (JPEG, PNG...), e.g.
 ``{"dataframe_records": [{"image": "<base64>"}]}``. Answer: per image, ``label`` (the most likely
-class) and one probability column per class name.
+class), ``error`` (empty, or what is wrong with that row's image: not base64, not an image, corrupt or
+truncated, too large; its label is then empty and its probabilities NaN) and one probability column
+per class name. A bad row never fails the others.
 """
 import base64
+import binascii
 import json
 import zipfile
 
@@ -20,6 +23,8 @@ from mlflow.pyfunc import PythonModel
 
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
+ERROR_COLUMN = "error"
+MAX_IMAGE_BYTES = 32 * 2**20  # one request's image file, before decoding
 KERAS_ARTIFACT = "keras_model"
 
 
@@ -36,21 +41,37 @@ class ImageClassifier(PythonModel):
         self.model = keras.models.load_model(path, safe_mode=True, compile=False)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from imgclf_images import decode_rgb
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        images = np.stack([decode_rgb(_image_bytes(value), self.image_size)
-                           for value in frame[IMAGE_COLUMN]]).astype(np.float32)
-        probs = np.asarray(self.model(images, training=False))
-        if self.tta:  # as imgclf.serve.inference.predict_probs: the mean with the mirror image
-            probs = (probs + np.asarray(self.model(images[:, :, ::-1], training=False))) / 2
-        answer = pd.DataFrame(probs.astype(np.float64), columns=self.class_names)
-        answer.insert(0, LABEL_COLUMN, [self.class_names[i] for i in probs.argmax(axis=1)])
+        decoded = [_decode(value, self.image_size) for value in frame[IMAGE_COLUMN]]
+        good = [i for i, (image, _) in enumerate(decoded) if image is not None]
+        probs = np.full((len(decoded), len(self.class_names)), np.nan)
+        if good:
+            images = np.stack([decoded[i][0] for i in good]).astype(np.float32)
+            found = np.asarray(self.model(images, training=False))
+            if self.tta:  # as imgclf.serve.inference.predict_probs: the mean with the mirror image
+                found = (found + np.asarray(self.model(images[:, :, ::-1], training=False))) / 2
+            probs[good] = found
+        answer = pd.DataFrame(probs, columns=self.class_names)
+        answer.insert(0, LABEL_COLUMN, ["" if error else self.class_names[int(np.argmax(row))]
+                                        for row, (_, error) in zip(probs, decoded)])
+        answer.insert(1, ERROR_COLUMN, [error for _, error in decoded])
         return answer
 
 
-def _image_bytes(value) -> bytes:
-    return bytes(value) if isinstance(value, (bytes, bytearray)) else base64.b64decode(value)
+def _decode(value, size: int) -> tuple[np.ndarray | None, str]:
+    """One request row's image, decoded as in training, or None and what is wrong with it."""
+    from imgclf_images import BadImageError, decode_checked
+
+    try:
+        data = bytes(value) if isinstance(value, (bytes, bytearray)) else base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return None, "not a base64-encoded image file"
+    if len(data) > MAX_IMAGE_BYTES:
+        return None, f"image too large: {len(data) / 2**20:.1f} MiB (at most {MAX_IMAGE_BYTES // 2**20} MiB)"
+    try:
+        return decode_checked(data, size), ""
+    except BadImageError as reason:
+        return None, str(reason)
 
 
 mlflow.models.set_model(ImageClassifier())

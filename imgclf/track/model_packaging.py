@@ -39,7 +39,7 @@ def _log_model(run: StageRun, model_path: Path, name: str, example, register_as:
     class_names = read_metadata(model_path).class_names
     signature = mlflow.models.ModelSignature(
         inputs=Schema([ColSpec("string", mlflow_model.IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN)]
+        outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN), ColSpec("string", mlflow_model.ERROR_COLUMN)]
                        + [ColSpec("double", name) for name in class_names]))
     photo = served_example(example)
     with tempfile.TemporaryDirectory() as tmp:
