@@ -13,7 +13,8 @@ def main() -> str:
     with tracking.stage_run("weights", params, layout.root) as run:
         write_json(layout.summary("weights"), info)
         run.log_metrics({"backbone_parameters": info["parameters"]})
-    weights = "random weights (model.weights: none)" if info["weights"] == "none" else f"{info['weights']} weights"
+    weights = {"none": "random weights (model.weights: none)", "imagenet": "ImageNet weights"}.get(
+        info["weights"], f"{info['weights']} weights")
     return f"weights: {info['backbone']} with {weights}, {info['parameters']:,} parameters"
 
 
