@@ -68,33 +68,61 @@ def bad_images(folder) -> list[tuple[str, str]]:
             (encoded[2], "image too large"), ("%%% not base64 %%%", "not a base64-encoded image file")]
 
 
-def test_the_served_model_answers_every_good_row_and_names_each_bad_one(monkeypatch):
-    """One undecodable image does not fail the request: its row says why; the others are answered."""
+def served(tmp_path, monkeypatch, runtime: str):
+    """The served model (imgclf/track/mlflow_model.py) loaded as MLflow loads it, over a tiny saved
+    model and the LiteRT file that logging it ships."""
+    from types import SimpleNamespace
+
+    from imgclf.data import images
+    from imgclf.track.model_packaging import served_litert_file
+
+    monkeypatch.setitem(sys.modules, "imgclf_images", images)  # the copy shipped in the model's code folder
+    monkeypatch.setenv("IMGCLF_RUNTIME", runtime)
+    from imgclf.track.mlflow_model import ImageClassifier
+
+    path = tmp_path / "finetune.keras"
+    if not path.exists():
+        training.configure(0, params_from_dict(tiny_params()).train)
+        model = models.build_transfer_model(params_from_dict(tiny_params()).model, 3)
+        save_model(model, path, ModelInfo("finetune", "mobilenetv2", ["a", "b", "c"], 32, True))
+    litert = served_litert_file(path, make_image(3, COLORS[0], 32)[None])
+    assert litert is not None and litert.suffix == ".tflite"
+    classifier = ImageClassifier()
+    classifier.load_context(SimpleNamespace(artifacts={"keras_model": str(path), "litert_model": str(litert)}))
+    return classifier
+
+
+@pytest.mark.slow
+def test_the_served_model_answers_every_good_row_and_names_each_bad_one(tmp_path, monkeypatch):
+    """One undecodable image does not fail the request: its row says why; the others are answered,
+    on LiteRT as `predict` runs, within the parity tolerance of Keras."""
     import base64
     import io
 
     import pandas as pd
     from PIL import Image
 
-    from imgclf.data import images
+    from imgclf.serve.inference import PARITY_TOLERANCE
 
-    monkeypatch.setitem(sys.modules, "imgclf_images", images)  # the copy shipped in the model's code folder
-    from imgclf.track.mlflow_model import ImageClassifier
-
-    served = ImageClassifier()
-    served.class_names, served.image_size, served.tta = ["a", "b", "c"], 32, True
-    served.model = models.build_transfer_model(params_from_dict(tiny_params()).model, 3)
     good = io.BytesIO()
     Image.fromarray(make_image(2, COLORS[1], 48)).save(good, "PNG")
     bad = bad_images(None)
     rows = [base64.b64encode(good.getvalue()).decode(), *(value for value, _ in bad), good.getvalue()]
-    answer = served.predict(None, pd.DataFrame({"image": rows}))
+    on_litert = served(tmp_path, monkeypatch, "auto")
+    assert on_litert.interpreter is not None and on_litert.model is None
+    answer = on_litert.predict(None, pd.DataFrame({"image": rows}))
     assert list(answer.columns) == ["label", "error", "a", "b", "c"]
     assert list(answer["error"][[0, 5]]) == ["", ""] and answer["label"][0] in ("a", "b", "c")
     np.testing.assert_allclose(answer.loc[0, ["a", "b", "c"]].sum(), 1.0, atol=1e-5)
     for i, (_, reason) in enumerate(bad, start=1):
         assert answer["error"][i].startswith(reason) and answer["label"][i] == ""
         assert answer.loc[i, ["a", "b", "c"]].isna().all()
+    on_keras = served(tmp_path, monkeypatch, "keras")
+    assert on_keras.interpreter is None and on_keras.model is not None
+    keras_answer = on_keras.predict(None, pd.DataFrame({"image": rows}))
+    assert list(keras_answer["label"]) == list(answer["label"])
+    np.testing.assert_allclose(keras_answer.loc[[0, 5], ["a", "b", "c"]], answer.loc[[0, 5], ["a", "b", "c"]],
+                               atol=PARITY_TOLERANCE)
 
 
 @pytest.mark.slow
@@ -107,7 +135,7 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     from PIL import Image
 
     from imgclf.data.images import decode_rgb
-    from imgclf.serve.inference import predict_probs
+    from imgclf.serve.inference import PARITY_TOLERANCE, predict_probs
 
     raw = tiny_params()
     raw["model"].update(backbone=backbone)
@@ -156,7 +184,7 @@ def test_registered_model_is_served_by_mlflow_models_serve(store, tmp_path, back
     assert status == 200 and "Traceback" not in text and "stack_trace" not in text
     row, *answered_bad = json.loads(text)["predictions"]
     expected = predict_probs(model, decode_rgb(photo, 32)[None], tta=True)[0]
-    np.testing.assert_allclose([row[n] for n in names], expected, atol=1e-5)
+    np.testing.assert_allclose([row[n] for n in names], expected, atol=PARITY_TOLERANCE)  # served on LiteRT
     assert row["label"] == names[int(expected.argmax())] and row["error"] == ""
     for answered, (_, reason) in zip(answered_bad, bad_rows):
         assert answered["label"] == "" and answered["error"].startswith(reason), answered

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from .. import console
 from ..data import images
 from ..model.modelio import read_metadata
+from ..project import user_cache
 from .tracking import StageRun
 
 
@@ -42,12 +43,16 @@ def _log_model(run: StageRun, model_path: Path, name: str, example, register_as:
         outputs=Schema([ColSpec("string", mlflow_model.LABEL_COLUMN), ColSpec("string", mlflow_model.ERROR_COLUMN)]
                        + [ColSpec("double", name) for name in class_names]))
     photo = served_example(example)
+    artifacts = {mlflow_model.KERAS_ARTIFACT: str(model_path)}
+    litert = served_litert_file(model_path, example)
+    if litert is not None:
+        artifacts[mlflow_model.LITERT_ARTIFACT] = str(litert)
     with tempfile.TemporaryDirectory() as tmp:
         decoder = Path(tmp) / "imgclf_images.py"  # the decoder, importable without imgclf
         shutil.copyfile(images.__file__, decoder)
         with _attached(run.client, run.run_id):
             info = _quietly(mlflow.pyfunc.log_model, name=name, python_model=mlflow_model.__file__,
-                            code_paths=[str(decoder)], artifacts={mlflow_model.KERAS_ARTIFACT: str(model_path)},
+                            code_paths=[str(decoder)], artifacts=artifacts,
                             signature=signature, input_example=photo, registered_model_name=register_as or None,
                             pip_requirements=serving_requirements())
     version = getattr(info, "registered_model_version", None)
@@ -56,6 +61,26 @@ def _log_model(run: StageRun, model_path: Path, name: str, example, register_as:
         for key in ("dvc_exp_name", "git_commit"):
             run.client.set_model_version_tag(register_as, str(version), key, tags.get(key, ""))
     return None if version is None else str(version)
+
+
+def served_litert_file(model_path: Path, example) -> Path | None:
+    """The saved model's LiteRT file for the served model to run: the pipeline's cached conversion
+    (the one `evaluate` and `predict` run, converted now if missing), checked against Keras on
+    ``example``; None, with one warning line, where LiteRT cannot run it (it is served on Keras)."""
+    import numpy as np
+
+    from ..model.modelio import load_model
+    from ..serve.inference import check_parity, fingerprint, litert_file, litert_interpreter
+
+    model, _ = load_model(model_path)
+    try:
+        path, _ = litert_file(model, user_cache("litert") / f"{fingerprint(model)}.tflite")
+        check_parity(model, litert_interpreter(path, tuple(model.input.shape[1:])), np.asarray(example, np.float32))
+    except Exception as err:  # noqa: BLE001 - the converter's errors have no common type; parity failed
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        console.warn(f"the served MLflow model of {model_path.name} runs on Keras: LiteRT cannot run it ({reason})")
+        return None
+    return path
 
 
 def _quietly(function, *args, **kwargs):
@@ -89,7 +114,7 @@ def serving_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in
-            ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow")]
+            ("mlflow", "keras", "tensorflow", "numpy", "pandas", "pillow", "ai-edge-litert")]
 
 
 @contextlib.contextmanager
