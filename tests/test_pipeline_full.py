@@ -230,7 +230,7 @@ def test_second_repro_does_nothing(project):
 
 
 def test_editing_the_decoder_marks_every_stage_that_decodes_images_as_changed(project):
-    images = project / "imgclf" / "images.py"
+    images = project / "imgclf" / "data" / "images.py"
     original = images.read_text()
     assert "Image.Resampling.BILINEAR" in original
     images.write_text(original.replace("Image.Resampling.BILINEAR", "Image.Resampling.BICUBIC"))
