@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imgclf import training  # noqa: E402
+from imgclf.train import training  # noqa: E402
 from imgclf.data.datasets import ImageSet  # noqa: E402
 from imgclf.data.images import decode_rgb  # noqa: E402
 from imgclf.params import load_params  # noqa: E402

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imgclf import training  # noqa: E402
+from imgclf.train import training  # noqa: E402
 from imgclf.data.datasets import class_names, load_subset  # noqa: E402
 from imgclf.params import params_from_dict  # noqa: E402
 from imgclf.serve.evaluation import Predictions, summary_metrics  # noqa: E402
