@@ -59,7 +59,8 @@ def test_feature_passes_stream_litert_outputs_to_disk(classifier, tmp_path, monk
     assert "top1_agreement" not in run.report["parity"]  # activations, not class probabilities
 
 
-def test_small_passes_stay_on_keras_unless_converted(classifier, monkeypatch):
+def test_small_passes_stay_on_keras_unless_converted(classifier, litert_cache, monkeypatch):
+    """With a cache of its own: other tests convert models equal to this one."""
     model, _, images = classifier
     monkeypatch.delenv(inference.RUNTIME_ENV, raising=False)
     small = runner(model, 10, images)
