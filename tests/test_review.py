@@ -28,6 +28,7 @@ def test_decisions_replace_one_row_per_photo_keep_the_others_in_order_and_undo(t
     file = tmp_path / "corrections.csv"
     file.write_text(HEADER + "a/1.jpg,exclude,\nb/2.jpg,relabel,a\n")
     decisions = Decisions(file, "photos")
+    assert rows(tmp_path / "reviewed.csv") == [["path", "data"]]  # the memory file exists from the start
     decisions.decide("c/3.jpg", Decision("exclude"))
     decisions.decide("b/2.jpg", Decision("relabel", "c"))
     assert rows(file) == [["path", "action", "label", "data"], ["a/1.jpg", "exclude", "", ""],

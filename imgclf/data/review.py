@@ -72,6 +72,8 @@ class Decisions:
         self._lock = threading.Lock()
         self._undo: list[_Before] = []
         read_corrections(corrections)  # a malformed file stops here, naming the file and line
+        if not self.memory.exists():  # there from the start, so `git add` of both files always works
+            _write(self.memory, MEMORY_COLUMNS, [])
 
     def current(self) -> dict[str, Decision]:
         """Every photo decided so far: corrections rows, then the photos remembered as right."""
