@@ -25,7 +25,7 @@ from pathlib import Path
 from . import console
 from .data.review import DECISIONS, Decision, Decisions
 from .errors import StageError
-from .params import ParamsError, load_params
+from .params import load_params
 from .project import Layout, project_root, user_cache
 
 DEFAULT_PORT = 5055
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(layout.params_file)
         audit = load_audit(layout)
         decisions = Decisions(layout.root / params.split.corrections, params.data.set_name)
-    except (StageError, ParamsError) as err:
+    except StageError as err:  # bad params, no audit, a malformed corrections file
         print(f"error: {err}", file=sys.stderr)
         return 1
     from werkzeug.serving import make_server
