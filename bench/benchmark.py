@@ -9,12 +9,16 @@ both, as a table and as JSON (also written to bench/results/benchmark.json).
     python bench/benchmark.py                              # both recipes
     python bench/benchmark.py --only pipeline              # just ours
     python bench/benchmark.py --repro                      # and a whole `dvc repro` from empty
+    python bench/benchmark.py --recipe fast=model.image_size=224,finetune.members=1   # and other recipes
 
 The pipeline side uses params.yaml (its input size too) with model.backbone=mobilenetv2 and
 model.weights=imagenet; the reference recipe runs at 224 px, the size of its ImageNet weights. It also
 times the frozen pass on Keras over the first 256 training images, for the runtime ratio. `--repro`
 adds a whole pipeline run as a user makes it: this project copied into an empty folder, `git init`,
-`dvc init`, `dvc repro` (every stage, each its own process, MLflow tracking into the folder).
+`dvc init`, `dvc repro` (every stage, each its own process, MLflow tracking into the folder), then
+the iteration loop: that run committed and `dvc exp run -S finetune.learning_rate=...` timed. Each
+`--recipe NAME=OVERRIDES` also times that recipe's frozen pass, head and fine-tuning (params.yaml with
+the overrides, as `dvc exp run -S` sets them) against the same notebook run.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from imgclf.train import training  # noqa: E402
 from imgclf.data.datasets import ImageSet  # noqa: E402
 from imgclf.data.images import decode_rgb  # noqa: E402
-from imgclf.params import load_params  # noqa: E402
+from imgclf.params import params_from_dict, with_overrides  # noqa: E402
 from imgclf.serve.evaluation import Predictions, summary_metrics  # noqa: E402
 from imgclf.serve.inference import predict_probs  # noqa: E402
 from imgclf.train.activations import backbone_cut, compute_activations  # noqa: E402
@@ -113,17 +117,23 @@ def reference_recipe(parts, num_classes: int, seed: int) -> dict:
             "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"]}
 
 
-def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
-    """This pipeline's stages from decoding to fine-tuning with the committed params
-    (mobilenetv2): the images decoded once (into memory here: TFDS gives bytes, not files),
-    the frozen bottom once over train and val (activations on disk, as the activations stage
-    writes them), the head on features pooled from them, fine-tuning on the same activations."""
-    import dataclasses
+def pipeline_params(params_path: Path, overrides: list[str] = ()) -> dict:
+    """params.yaml with model.backbone=mobilenetv2 and ImageNet weights, then ``overrides``."""
+    import yaml
+
+    raw = with_overrides(yaml.safe_load(params_path.read_text()),
+                         ["model.backbone=mobilenetv2", "model.weights=imagenet"])
+    return with_overrides(raw, overrides)
+
+
+def pipeline_recipe(parts, names: list[str], raw: dict) -> dict:
+    """This pipeline's stages from decoding to fine-tuning with the given params: the images
+    decoded once (into memory here: TFDS gives bytes, not files), the frozen bottom once over
+    train and val (activations on disk, as the activations stage writes them), the head on
+    features pooled from them, fine-tuning on the same activations."""
     import tempfile
 
-    params = load_params(params_path)
-    params = dataclasses.replace(params, model=dataclasses.replace(params.model, backbone="mobilenetv2",
-                                                                   weights="imagenet"))
+    params = params_from_dict(raw)
     size = params.model.image_size  # the default recipe's; the reference stays at its own SIZE
     training.configure(params.seed, params.train)
 
@@ -151,7 +161,7 @@ def pipeline_recipe(parts, names: list[str], params_path: Path) -> dict:
     probs = predict_probs(finetune.model, sets[2], params.train.tta)
     metrics = summary_metrics(Predictions(probs, sets[2].labels, names))
     training_seconds = activation_seconds + head.seconds + finetune.seconds  # what the reference times
-    return {"image_size": size, "decode_seconds": decode_seconds, "activation_seconds": activation_seconds,
+    return {"image_size": size, "members": params.finetune.members, "decode_seconds": decode_seconds, "activation_seconds": activation_seconds,
             "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
             "head_plus_finetune_seconds": training_seconds, "total_seconds": decode_seconds + training_seconds,
             "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
@@ -206,15 +216,13 @@ def timed_dvc(root: Path, args: list[str], env: dict) -> tuple[float, dict[str, 
     return round(total, 1), stages
 
 
-def repro_pipeline(params_path: Path) -> dict:
+def repro_pipeline(params: dict) -> dict:
     """A whole `dvc repro` from an empty workspace (this project copied, params with mobilenetv2 and
     ImageNet weights): total wall time, seconds per stage, those of the stages that do not train
     together, the headline metrics; then the iteration loop: the run committed, one
     `dvc exp run -S finetune.learning_rate=...` timed, with the stages it reran."""
     import yaml
 
-    params = yaml.safe_load(params_path.read_text())
-    params["model"].update(backbone="mobilenetv2", weights="imagenet")
     with tempfile.TemporaryDirectory(prefix="bench-repro-") as tmp:
         root = Path(tmp) / "project"
         root.mkdir()
@@ -248,6 +256,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["reference", "pipeline"], help="run one side only")
     parser.add_argument("--repro", action="store_true", help="also time a whole `dvc repro` from empty")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...",
+                        help="also time this pipeline recipe's training phases (params.yaml with these "
+                             "overrides, as `dvc exp run -S`), e.g. fast=model.image_size=224,finetune.members=1")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "benchmark.json"))
     args = parser.parse_args()
 
@@ -261,10 +272,16 @@ def main() -> None:
         results["reference"] = reference_recipe(parts, len(names), seed=42)
         print("RESULT reference " + json.dumps(results["reference"]), flush=True)
     if args.only != "reference":
-        results["pipeline"] = pipeline_recipe(parts, names, Path(args.params))
+        results["pipeline"] = pipeline_recipe(parts, names, pipeline_params(Path(args.params)))
         print("RESULT pipeline " + json.dumps(results["pipeline"]), flush=True)
+        for recipe in args.recipe:
+            name, _, overrides = recipe.partition("=")
+            items = [item for item in overrides.split(",") if item]
+            results.setdefault("recipes", {})[name] = {
+                "overrides": items, **pipeline_recipe(parts, names, pipeline_params(Path(args.params), items))}
+            print(f"RESULT {name} " + json.dumps(results["recipes"][name]), flush=True)
     if args.repro:
-        results["repro"] = repro_pipeline(Path(args.params))
+        results["repro"] = repro_pipeline(pipeline_params(Path(args.params)))
         if "reference" in results:
             results["time_ratio_repro"] = round(results["repro"]["total_seconds"]
                                                 / results["reference"]["total_seconds"], 3)
@@ -277,16 +294,17 @@ def main() -> None:
         results["time_ratio_head_plus_finetune"] = round(
             results["pipeline"]["head_plus_finetune_seconds"] / reference, 3)
         results["time_ratio_with_decoding"] = round(results["pipeline"]["total_seconds"] / reference, 3)
+        for recipe in results.get("recipes", {}).values():
+            recipe["time_ratio_head_plus_finetune"] = round(recipe["head_plus_finetune_seconds"] / reference, 3)
 
     print("\n| recipe | decode s | frozen pass s | head s | finetune s | total s | test accuracy | macro F1 |")
     print("|---|---|---|---|---|---|---|---|")
-    for side in ("reference", "pipeline"):
-        if side in results:
-            r = results[side]
-            print(f"| {side} | {r.get('decode_seconds', 0):.1f} | {r.get('activation_seconds', 0):.1f} | "
-                  f"{r['head_seconds']:.1f} | "
-                  f"{r['finetune_seconds']:.1f} | {r['total_seconds']:.1f} | {r['test_accuracy']:.4f} | "
-                  f"{r['test_macro_f1']:.4f} |")
+    rows = [(side, results[side]) for side in ("reference", "pipeline") if side in results]
+    rows += list(results.get("recipes", {}).items())
+    for side, r in rows:
+        print(f"| {side} | {r.get('decode_seconds', 0):.1f} | {r.get('activation_seconds', 0):.1f} | "
+              f"{r['head_seconds']:.1f} | {r['finetune_seconds']:.1f} | {r['total_seconds']:.1f} | "
+              f"{r['test_accuracy']:.4f} | {r['test_macro_f1']:.4f} |")
     if "pipeline" in results:
         frozen = results["pipeline"]["frozen_pass"]
         print(f"\nfrozen pass: {frozen['images_per_s']:.0f} images/s on {frozen['runtime']} "
@@ -302,6 +320,10 @@ def main() -> None:
     for key in ("time_ratio_head_plus_finetune", "time_ratio_repro", "time_ratio_iteration"):
         if key in results:
             print(f"{key.replace('time_ratio_', '')}: {results[key]:.2f}x the notebook recipe")
+    for name, recipe in results.get("recipes", {}).items():
+        if "time_ratio_head_plus_finetune" in recipe:
+            print(f"{name} ({','.join(recipe['overrides'])}) head_plus_finetune: "
+                  f"{recipe['time_ratio_head_plus_finetune']:.2f}x the notebook recipe")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

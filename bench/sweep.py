@@ -28,22 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from imgclf.train import training  # noqa: E402
 from imgclf.data.datasets import class_names, load_subset  # noqa: E402
-from imgclf.params import params_from_dict  # noqa: E402
+from imgclf.params import params_from_dict, with_overrides  # noqa: E402
 from imgclf.serve.evaluation import Predictions, summary_metrics  # noqa: E402
 from imgclf.serve.inference import predict_probs  # noqa: E402
 from imgclf.train.activations import backbone_cut, compute_activations  # noqa: E402
 
 
 def apply(raw: dict, overrides: str) -> dict:
-    raw = json.loads(json.dumps(raw))
-    for item in filter(None, overrides.split(",")):
-        key, value = item.split("=", 1)
-        *path, last = key.strip().split(".")
-        node = raw
-        for part in path:
-            node = node[part]
-        node[last] = yaml.safe_load(value)
-    return raw
+    return with_overrides(raw, [item for item in overrides.split(",") if item])
 
 
 def metrics_of(probs: np.ndarray, subset) -> dict:

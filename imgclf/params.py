@@ -7,6 +7,7 @@ the key and says what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -368,6 +369,24 @@ def params_from_dict(raw: Mapping[str, Any] | None) -> Params:
     params = _build(Params, raw or {}, "")
     params.validate()
     return params
+
+
+def with_overrides(raw: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a parsed params mapping with ``key.path=value`` items set, as `dvc exp run -S`
+    sets them (values parsed as YAML)."""
+    result = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(item, "an override is key.path=value")
+        *path, last = key.strip().split(".")
+        node = result
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(key, f"no section {part!r} to set")
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    return result
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -130,3 +130,17 @@ def test_the_dataclasses_hold_no_defaults():
             for f in dataclasses.fields(cls):
                 assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
                     f"{name}.{f.name} has a default"
+
+
+def test_overrides_set_keys_as_dvc_exp_run_does_and_leave_the_original_alone():
+    from imgclf.params import with_overrides
+
+    raw = committed()
+    changed = with_overrides(raw, ["finetune.members=1", "model.image_size=224", "augment.flip=false"])
+    params = params_from_dict(changed)
+    assert (params.finetune.members, params.model.image_size, params.augment.flip) == (1, 224, False)
+    assert raw == committed()
+    with pytest.raises(ParamsError, match="modle"):
+        with_overrides(raw, ["modle.image_size=224"])
+    with pytest.raises(ParamsError, match="key.path=value"):
+        with_overrides(raw, ["model.image_size"])
