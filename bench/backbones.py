@@ -5,7 +5,8 @@ Weights do not change the arithmetic, so every backbone runs with random weights
 once over train and val (as the activations stage), the head on its pooled features, then one
 fine-tuned top (`finetune.members=1`) for a few epochs on the cached activations. Seconds are
 scaled to tf_flowers' default split (2,546 train / 558 val images) and to the params' fine-tuning
-epochs and members, so they can be put beside a real run's stage times.
+epochs and members. Each epoch's fixed costs (validation set-up, the kept epoch's checkpoint) are
+scaled with it, so the seconds are upper bounds: compare backbones by their ratio at one size.
 
     python bench/backbones.py                                   # efficientnetb0, mobilenetv2 at 224 and 352 px
     python bench/backbones.py --backbones resnet50 --sizes 224  # others

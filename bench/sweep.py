@@ -60,6 +60,13 @@ def main() -> None:
                              "baseline: the CNN from scratch")
     parser.add_argument("--average", type=lambda text: [int(k) for k in text.split(",")], default=[],
                         help="K1,K2,...: also score the fine-tuned weights averaged over the last K epochs")
+    parser.add_argument("--snapshots", type=lambda text: [int(k) for k in text.split(",")], default=[],
+                        help="K1,K2,...: also score the probabilities averaged over the last K epochs' weights "
+                             "(a snapshot ensemble: several members from one training run)")
+    parser.add_argument("--cycles", type=int, default=0,
+                        help="N: fine-tune on N cosine cycles with warm restarts instead of the params' schedule, "
+                             "and also score the probabilities averaged over each cycle's last epoch "
+                             "(a snapshot ensemble: N members from one training run)")
     parser.add_argument("--save", type=Path, default=None,
                         help="folder: also write each fine-tuned model's val and test probabilities "
                              "(<row>.npz), to score ensembles of rows afterwards")
@@ -68,6 +75,8 @@ def main() -> None:
                              "averaged (one model), beside their probabilities averaged (an ensemble)")
     parser.add_argument("configs", nargs="+")
     args = parser.parse_args()
+    if args.cycles:
+        training.finetune_learning_rate = cyclic_learning_rate(args.cycles)
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["model"].update(backbone="mobilenetv2", weights="imagenet")
     split = Path(args.split)
@@ -127,6 +136,18 @@ def main() -> None:
                 result.fitted_model.set_weights([np.mean(ws, axis=0) for ws in zip(*snapshots[-k:])])
                 row[f"average_last_{k}"] = {"val": score(result.model, val, params),
                                             "test": score(result.model, test, params)}
+        cycle_ends = [(i + 1) * params.finetune.epochs // args.cycles - 1 for i in range(args.cycles)]
+        groups = {f"snapshots_last_{k}": snapshots[-k:] for k in args.snapshots if len(snapshots) >= k}
+        if args.cycles and len(snapshots) == params.finetune.epochs:
+            groups["snapshots_cycle_ends"] = [snapshots[i] for i in cycle_ends]
+        for name, group in groups.items():
+            members = []
+            for weights in group:
+                result.fitted_model.set_weights(weights)
+                members.append(probabilities(result.model, val, test, params))
+            mean = {s: np.mean([m[s] for m in members], axis=0) for s in ("val", "test")}
+            row[name] = {"val": metrics_of(mean["val"], val), "test": metrics_of(mean["test"], test),
+                         "each_val": [metrics_of(m["val"], val)["accuracy"] for m in members]}
         result.model.set_weights(kept)
         if args.soup:
             tops.append((index, head_key, kept, probs))
@@ -152,6 +173,18 @@ def score_soups(tops: list, model, val, test, params) -> None:
                    "soup_test": score(model, test, params), "ensemble_val": metrics_of(mean_probs["val"], val),
                    "ensemble_test": metrics_of(mean_probs["test"], test)}
             print("SOUP " + json.dumps(row), flush=True)
+
+
+def cyclic_learning_rate(cycles: int):
+    """A stand-in for :func:`training.finetune_learning_rate`: ``cycles`` cosine decays from
+    ``finetune.learning_rate`` to 0, each over ``epochs / cycles`` epochs (warm restarts)."""
+    import keras
+
+    def schedule(finetune, steps_per_epoch: int):
+        return keras.optimizers.schedules.CosineDecayRestarts(
+            finetune.learning_rate, first_decay_steps=finetune.epochs // cycles * steps_per_epoch)
+
+    return schedule
 
 
 @contextlib.contextmanager
