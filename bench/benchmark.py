@@ -161,7 +161,8 @@ def pipeline_recipe(parts, names: list[str], raw: dict) -> dict:
     probs = predict_probs(finetune.model, sets[2], params.train.tta)
     metrics = summary_metrics(Predictions(probs, sets[2].labels, names))
     training_seconds = activation_seconds + head.seconds + finetune.seconds  # what the reference times
-    return {"image_size": size, "members": params.finetune.members, "decode_seconds": decode_seconds, "activation_seconds": activation_seconds,
+    return {"image_size": size, "members": params.finetune.members, "decode_seconds": decode_seconds,
+            "activation_seconds": activation_seconds,
             "head_seconds": head.seconds, "finetune_seconds": finetune.seconds,
             "head_plus_finetune_seconds": training_seconds, "total_seconds": decode_seconds + training_seconds,
             "test_accuracy": metrics["accuracy"], "test_macro_f1": metrics["macro_f1"],
