@@ -1,4 +1,5 @@
-"""DVC stage `gradcam`: heat maps of what the models look at, on right and wrong test images."""
+"""DVC stage `gradcam`: heat maps of what the models look at, on right and wrong test images,
+picked from the predictions `evaluate` wrote (the served model's, test-time augmentation included)."""
 import numpy as np
 
 from imgclf.data.store import open_split
@@ -7,7 +8,7 @@ from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage
 from imgclf.serve import figures
 from imgclf.serve.gradcam import gradcam, pick_examples
-from imgclf.serve.inference import predict_probs
+from imgclf.serve.reporting import read_predictions
 from imgclf.track import tracking
 
 
@@ -15,14 +16,12 @@ def draw(name: str, layout: Layout, count: int) -> None:
     model, info = load_model(layout.model(name))
     names = info.class_names
     test = open_split(layout.model_store(name), "test", info.image_size)
-    probs = predict_probs(model, test, info.tta)  # what evaluate measured and predict serves
-    chosen = pick_examples(test.labels, probs, count)
+    predicted, confidence = read_predictions(layout.plots("evaluate") / f"{name}_predictions.csv", test.paths, names)
+    chosen = pick_examples(test.labels, predicted, confidence, count)
     images = test.read(chosen)
-    heatmaps, _ = gradcam(model, images.astype(np.float32))
-    predicted = probs[chosen].argmax(axis=1)
-    captions = [f"true {names[test.labels[i]]}\npred {names[p]} {probs[i, p]:.2f}"
-                for i, p in zip(chosen, predicted)]
-    colors = ["green" if test.labels[i] == p else "red" for i, p in zip(chosen, predicted)]
+    heatmaps, _ = gradcam(model, images.astype(np.float32), predicted[chosen])
+    captions = [f"true {names[test.labels[i]]}\npred {names[predicted[i]]} {confidence[i]:.2f}" for i in chosen]
+    colors = ["green" if test.labels[i] == predicted[i] else "red" for i in chosen]
     figures.overlay_grid(images, heatmaps, captions, colors,
                          layout.plots("gradcam") / f"{name}.png",
                          title=f"Grad-CAM, {name} ({info.backbone}): green right, red wrong")

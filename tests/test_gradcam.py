@@ -68,6 +68,6 @@ def test_heatmaps_do_not_depend_on_the_batch_size():
 def test_pick_examples_mixes_right_and_wrong():
     labels = np.array([0, 0, 1, 1, 1, 0])
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.7, 0.3]])
-    chosen = pick_examples(labels, probs, 4)
+    chosen = pick_examples(labels, probs.argmax(axis=1), probs.max(axis=1), 4)
     assert len(chosen) == 4
     assert set(chosen) >= {1, 3}  # both wrong ones

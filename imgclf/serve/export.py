@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..model.modelio import ModelInfo
-from .inference import litert_interpreter, predict_probs, serving_function
+from .inference import Runner, litert_interpreter, predict_probs, serving_function
 
 
 def export_saved_model(model, directory: Path, tta: bool) -> None:
@@ -85,7 +85,7 @@ def size_mb(path: Path) -> float:
 
 def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_images: np.ndarray) -> dict:
     """Write SavedModel, TFLite files and class names; return sizes, latency and parity with
-    the pipeline's own inference (:func:`imgclf.serve.inference.predict_probs`)."""
+    Keras, serving as the pipeline does (:func:`imgclf.serve.inference.predict_probs`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "saved_model"
     export_saved_model(model, saved, info.tta)
@@ -98,8 +98,10 @@ def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_i
         {"class_names": info.class_names, "image_size": info.image_size, "tta": info.tta,
          "input": "float32 RGB 0..255, NHWC"}, indent=2))
 
+    on_keras = Runner(model, "keras")  # one runner: no fingerprint or parity check per call
+
     def keras_predict(images):
-        return predict_probs(model, images, info.tta)
+        return predict_probs(on_keras, images, info.tta)
 
     reference = keras_predict(check_images)
     report = {"keras": {"latency_ms": latency_ms(keras_predict, check_images)}}

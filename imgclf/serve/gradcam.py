@@ -61,9 +61,8 @@ def gradcam(model: keras.Model, images: np.ndarray, class_indices: np.ndarray | 
     return np.concatenate(heatmaps), np.concatenate(probabilities)
 
 
-def pick_examples(labels: np.ndarray, probs: np.ndarray, count: int) -> np.ndarray:
+def pick_examples(labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, count: int) -> np.ndarray:
     """Half confidently right, half confidently wrong (fewer wrong if there are fewer)."""
-    predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
     right = np.flatnonzero(predicted == labels)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: count // 2]

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import console
 from ..concurrency import cpu_threads
-from ..data.datasets import Examples, ImageSet, batches
+from ..data.datasets import Examples, ImageSet, batches, record_batches
 from ..errors import StageError
 from ..project import user_cache
 
@@ -262,8 +262,11 @@ def run_outputs(model: keras.Model | Runner, examples: Examples, augment=None,
     """Yield the outputs of ``model`` (a Keras model or its runner) for successive batches of
     ``examples`` (augmented by ``augment`` if given), in order."""
     run = model if isinstance(model, Runner) else runner_for(model, examples)
-    for x in batches(examples, batch_size or inference_batch_size(examples.record_shape), augment=augment,
-                     labels=False):
+    batch_size = batch_size or inference_batch_size(examples.record_shape)
+    if augment is None:
+        yield from map(run, record_batches(examples, batch_size))
+        return
+    for x in batches(examples, batch_size, augment=augment, labels=False):  # TF's random augmentation
         yield run(x.numpy())
 
 
@@ -278,8 +281,7 @@ def predict_probs(model: keras.Model | Runner, images: np.ndarray | Examples, tt
         return np.empty((0, keras_model.output.shape[-1]), np.float32)
     run = model if isinstance(model, Runner) else runner_for(model, images, len(images) * (2 if tta else 1))
     out = []
-    for x in batches(images, batch_size or inference_batch_size(images.record_shape), labels=False):
-        x = x.numpy()
+    for x in record_batches(images, batch_size or inference_batch_size(images.record_shape)):
         probs = run(x)
         if tta:
             probs = (probs + run(x[:, :, ::-1])) / 2

@@ -6,6 +6,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import DataError
+
 from . import evaluation as ev
 from . import figures
 
@@ -19,6 +23,20 @@ def write_predictions(path: Path, assessment: ev.Assessment) -> None:
         writer.writerow(["path", "actual", "predicted", "confidence"])
         for file, actual, predicted, conf in zip(assessment.paths, pred.labels, pred.predicted, pred.confidence):
             writer.writerow([file, pred.class_names[actual], pred.class_names[predicted], f"{conf:.4f}"])
+
+
+def read_predictions(path: Path, paths: list[str], class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted class indices and confidences that :func:`write_predictions` wrote, in the
+    order of ``paths``; a DataError naming the file if it does not cover exactly those images."""
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run `dvc repro evaluate` first)")
+    with path.open(newline="") as fh:
+        rows = {row["path"]: row for row in csv.DictReader(fh)}
+    index = {name: i for i, name in enumerate(class_names)}
+    if set(rows) != set(paths) or any(rows[p]["predicted"] not in index for p in paths):
+        raise DataError(f"{path} was written for other test images or classes: run `dvc repro evaluate`")
+    predicted = np.array([index[rows[p]["predicted"]] for p in paths], np.int64)
+    return predicted, np.array([float(rows[p]["confidence"]) for p in paths])
 
 
 def write_model_report(name: str, assessment: ev.Assessment, reports: Path, plots: Path, root: Path) -> None:
