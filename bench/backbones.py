@@ -63,7 +63,7 @@ def measure(raw: dict, backbone: str, size: int, train_count: int, epochs: int) 
         network, cut = backbone_cut(params.model, params.finetune)
         activations = compute_activations(network, cut, backbone, train, val, work / "activations")
         head = training.train_head_on_activations(activations, params.model, params.head, params.train,
-                                                  params.seed, work)
+                                                  params.seed)
         one, several = (training.train_finetune(head.model, train, val, finetune, params.train, params.augment,
                                                 params.seed, activations, work) for finetune in (shorter, longer))
     frozen_rate = activations.runtime["images_per_s"]

@@ -155,7 +155,7 @@ def pipeline_recipe(parts, names: list[str], raw: dict) -> dict:
         frozen = activations.runtime
         keras_rate = keras_frozen_pass_rate(backbone, cut, params.model.backbone, sets[0], size)
         head = training.train_head_on_activations(activations, params.model, params.head, params.train,
-                                                  params.seed, work)
+                                                  params.seed)
         finetune = training.train_finetune(head.model, sets[0], sets[1], params.finetune, params.train,
                                            params.augment, params.seed, activations, work)
     probs = predict_probs(finetune.model, sets[2], params.train.tta)

@@ -106,7 +106,7 @@ def main() -> None:
             work = Path(tempfile.mkdtemp(prefix="sweep-"))  # activations and features on disk
             acts = compute_activations(backbone, cut, params.model.backbone, train, val, work / "acts")
             result = training.train_head_on_activations(acts, params.model, params.head, params.train,
-                                                        params.seed, work)
+                                                        params.seed)
             heads[head_key] = (result.model.get_weights(), result.seconds,
                                probabilities(result.model, val, test, params), acts, work)
         weights, head_seconds, head_probs, acts, work = heads[head_key]

@@ -55,6 +55,12 @@ class Layout:
         """The frozen backbone bottom's outputs for the train and val images, and that backbone."""
         return self.root / "data" / "activations"
 
+    @property
+    def features(self) -> Path:
+        """The backbone's pooled features of every split, beside the activations they came from
+        (``imgclf.train.activations.FEATURES``): a store the audit reads without TensorFlow."""
+        return self.activations / "features"
+
     @contextmanager
     def scratch(self) -> Iterator[Path]:
         """A temporary folder under data/ (on the data's disk, not a RAM-backed /tmp), removed after."""

@@ -1,31 +1,29 @@
 """DVC stage `audit`: every image of every split scored for how likely its label is wrong,
-from the frozen backbone's features (the cached activations; the test images through the
-backbone once) -> reports/audit/, plots/audit/suspects.png, metrics/suspects.json.
+from the frozen backbone's pooled features (written by the activations stage; no TensorFlow
+here) -> reports/audit/, plots/audit/suspects.png, metrics/suspects.json.
 The audit only reports: fixes go into the corrections file, which the split stage applies."""
 import numpy as np
 
 from imgclf.data.split import SPLITS, raw_sources
-from imgclf.data.store import open_split
+from imgclf.data.store import open_split, read_info
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_csv, write_json
 from imgclf.serve import figures
 from imgclf.serve.audit import LABEL_ISSUE_COLUMNS, AuditSet, audit
 from imgclf.track import tracking
-from imgclf.train.activations import open_activations, pooled_features
 
 
 def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
-    with tracking.stage_run("audit", params, layout.root) as run, layout.scratch() as workdir:
-        size = params.model.image_size
-        activations = open_activations(layout.activations, params.model.backbone, size)
-        test = open_split(layout.store("transfer"), "test", size)
-        features, runtimes = pooled_features(activations, workdir, test, params.model.backbone)
+    with tracking.stage_run("audit", params, layout.root) as run:
+        features = {split: open_split(layout.features, split, params.model.image_size) for split in SPLITS}
+        runtimes = read_info(layout.features)["runtime"]
         raw = raw_sources(layout.split, layout.root)
         sets = [AuditSet(split, features[split].read(np.arange(len(features[split]))), features[split].labels,
                          [raw[p] for p in features[split].paths]) for split in SPLITS]
-        report = audit(sets, test.class_names, params.audit, params.seed)
+        class_names = features["test"].class_names
+        report = audit(sets, class_names, params.audit, params.seed)
 
         reports, plots = layout.reports("audit"), layout.plots("audit")
         write_csv(reports / "label_issues.csv", report.label_issues, LABEL_ISSUE_COLUMNS)
@@ -33,7 +31,7 @@ def main() -> str:
         write_csv(reports / "cross_split_copies.csv", report.copies,
                   ["path_a", "split_a", "path_b", "split_b", "similarity"])
         write_json(layout.summary("audit"), {**report.summary, "runtime": runtimes})
-        write_json(reports / "suspects.json", {"classes": test.class_names, "suspects": report.suspects})
+        write_json(reports / "suspects.json", {"classes": class_names, "suspects": report.suspects})
         write_json(layout.root / "metrics" / "suspects.json", {"suspects": report.summary["suspects"]})
         shown = report.label_issues[:params.audit.gallery_size]
         figures.image_grid([(layout.raw / r["path"], f"{r['given']} -> {r['suggested']}\n{r['score']:.2g}")

@@ -16,14 +16,14 @@ def main() -> str:
     layout = Layout(project_root())
     params = load_params(layout.params_file)
     training.configure(params.seed, params.train)
-    with tracking.stage_run("head", params, layout.root) as run, layout.scratch() as workdir:
+    with tracking.stage_run("head", params, layout.root) as run:
         size = params.model.image_size
         activations = open_activations(layout.activations, params.model.backbone, size)
         train, val = (open_split(layout.store("transfer"), split, size) for split in ("train", "val"))
         run.log_split(layout.root, layout.split, {"train": len(train), "val": len(val)}, "training")
         if params.head.cache_features and not params.head.augment:
             result = training.train_head_on_activations(activations, params.model, params.head, params.train,
-                                                        params.seed, workdir, on_epoch=run.log_epoch)
+                                                        params.seed, on_epoch=run.log_epoch)
         else:
             result = training.train_head(train, val, activations.backbone, params.model, params.head, params.train,
                                          params.augment, params.seed, on_epoch=run.log_epoch)

@@ -96,3 +96,16 @@ def test_a_stage_past_its_time_limit_fails_with_every_thread_stack(tmp_path):
     done = run_program("failing_stage.py", "hang", env={**os.environ, STAGE_TIME_LIMIT_ENV: "2"}, timeout=60)
     assert done.returncode == 1
     assert "Timeout" in done.stderr and "in main" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_stages_that_need_no_tensorflow_import_none():
+    """download, split, store and the audit (which reads the activations stage's pooled features)
+    start without TensorFlow's seconds of import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stages.download, stages.split, stages.store, stages.audit; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

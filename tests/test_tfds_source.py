@@ -2,6 +2,7 @@
 import io
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 from conftest import COLORS, make_image
 from PIL import Image
@@ -53,3 +54,65 @@ def test_tfds_source_yields_original_bytes_offline(tmp_path):
     assert len(report.duplicates) == 1
     first = next((tmp_path / "raw" / "daisy").iterdir()).read_bytes()
     assert first in originals and np.asarray(Image.open(io.BytesIO(first))).shape == (32, 32, 3)
+
+
+class ManyFlowers(TinyFlowers):
+    """Like TinyFlowers, with 50 images: written in several shards, read interleaved by tfds.load."""
+
+    def _generate_examples(self):
+        for i in range(50):
+            c = i % len(LABELS)
+            yield f"{i}", {"image": io.BytesIO(_jpeg(100 + i, COLORS[c])), "label": c}
+
+
+def test_the_tfrecord_reader_gives_what_tfds_load_gives_in_its_order_without_tensorflow(tmp_path):
+    """Read without TensorFlow, a dataset in three shards yields the same records in the same
+    order (so the same indices) as tfds.load's interleaved reading."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from imgclf.data.sources import on_local_tfrecords, tfds_load_examples, tfrecord_examples
+
+    builder = ManyFlowers(data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    assert len(builder.info.splits["train"].filepaths) == 3 and on_local_tfrecords(builder)
+    expected = list(tfds_load_examples(builder))
+    assert [index for _, index, _, _ in expected] == list(range(50))
+    assert [label for _, _, _, label in expected] != [i % 3 for i in range(50)]  # interleaved, not in order
+    assert list(tfrecord_examples(builder)) == expected
+
+    code = ("import sys; from imgclf.data.sources import iter_tfds; "
+            f"items = list(iter_tfds('many_flowers', {str(tmp_path / 'tfds')!r})); "
+            "print(len(items), 'tensorflow' in sys.modules)")
+    # the builder class must be registered in the child too: import this test module there
+    code = f"import sys; sys.path[:0] = [{str(ROOT / 'tests')!r}]; import test_tfds_source; " + code
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["50", "False"]
+
+
+def test_a_truncated_tfrecord_file_is_named(tmp_path):
+    from imgclf.data.tfrecord import read_records
+    from imgclf.errors import DataError
+
+    path = tmp_path / "cut.tfrecord"
+    path.write_bytes((10).to_bytes(8, "little") + b"\0" * 4 + b"short")
+    with pytest.raises(DataError, match="cut.tfrecord: truncated TFRecord file"):
+        list(read_records(path))
+
+
+@pytest.mark.parametrize("cycle, block", [(4, 3), (16, 16), (1, 16)])
+def test_interleave_follows_tf_data(cycle, block):
+    """More sources than the cycle holds, of uneven lengths: the slots refill as tf.data's do."""
+    import tensorflow as tf
+
+    from imgclf.data.sources import interleave
+
+    lengths = [5, 0, 17, 3, 9, 1, 12, 7, 0, 4, 20, 2]
+    sources = [[100 * s + i for i in range(n)] for s, n in enumerate(lengths)]
+    expected = tf.data.Dataset.from_tensor_slices(np.arange(len(lengths))).interleave(
+        lambda s: tf.data.Dataset.range(tf.gather(tf.constant(lengths, tf.int64), s)).map(lambda i: i + 100 * s),
+        cycle_length=cycle, block_length=block)
+    assert list(interleave([iter(s) for s in sources], cycle, block)) == [int(x) for x in expected.as_numpy_iterator()]

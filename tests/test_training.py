@@ -36,7 +36,7 @@ def head(train, val, p, use_cache=True, workdir=None):
     if not use_cache:
         return training.train_head(train, val, backbone, p.model, p.head, p.train, p.augment, p.seed)
     activations = compute_activations(backbone, cut, p.model.backbone, train, val, workdir / "acts")
-    result = training.train_head_on_activations(activations, p.model, p.head, p.train, p.seed, workdir)
+    result = training.train_head_on_activations(activations, p.model, p.head, p.train, p.seed)
     result.activations = activations
     return result
 
@@ -173,6 +173,31 @@ def test_backbone_split_is_exact_and_shares_layers():
     classifier = models.top_classifier(model, top)
     np.testing.assert_allclose(classifier(extractor(x)), model(x), rtol=1e-5, atol=1e-6)
     assert top.layers[1] is backbone.layers[first]
+
+
+def test_pooled_features_of_every_split_are_the_whole_backbones_and_a_store_of_their_own(tmp_path):
+    """The activations stage writes each split's pooled features once: train and val through the
+    frozen top from their cached activations, test through the whole backbone; the same numbers
+    as the whole backbone on the images, readable without TensorFlow as a store."""
+    from imgclf.data.store import open_split, read_info
+    from imgclf.train.activations import FEATURES
+
+    params = params_for()
+    train, val, test = tiny_set(), tiny_set(seed=50), tiny_set(n_per_class=3, seed=90)
+    backbone, cut = backbone_cut(params.model, params.finetune)
+    acts = compute_activations(backbone, cut, params.model.backbone, train, val, tmp_path / "acts", test)
+    whole = models.image_extractor(params.model.backbone, backbone, 32)
+    for split, images in (("train", train), ("val", val), ("test", test)):
+        expected = whole.predict(images.images.astype("float32"), verbose=0).mean(axis=(1, 2))
+        stored = open_split(tmp_path / "acts" / FEATURES, split, 32)
+        assert stored.paths == images.paths and list(stored.labels) == list(images.labels)
+        np.testing.assert_allclose(stored.read(np.arange(len(stored))), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(acts.features[split].read(np.arange(len(stored))),
+                                      stored.read(np.arange(len(stored))))
+    info = read_info(tmp_path / "acts" / FEATURES)
+    assert info["backbone"] == "mobilenetv2" and info["splits"] == {"train": 24, "val": 24, "test": 9}
+    assert {"pooled_top", "bottom"} <= set(info["runtime"])
+    assert sorted(p.name for p in (tmp_path / "acts" / FEATURES).glob("*.npy")) == ["test.npy", "train.npy", "val.npy"]
 
 
 @pytest.mark.slow

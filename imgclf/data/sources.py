@@ -84,7 +84,9 @@ def iter_tfds(name: str, data_dir: str | None = None) -> Iterator[SourceImage]:
     """Yield every record of every split of a TFDS image classification dataset, with its
     original encoded bytes (no decode and re-encode). When the dataset is not prepared yet,
     its download hosts are checked first, so an offline machine fails in seconds with one
-    line instead of after TFDS's own minutes of retries."""
+    line instead of after TFDS's own minutes of retries. A dataset prepared as TFRecord files
+    (TFDS's default) is read without TensorFlow (:mod:`imgclf.data.tfrecord`); another file
+    format through ``tfds.load``."""
     import tensorflow_datasets as tfds
 
     try:
@@ -95,18 +97,70 @@ def iter_tfds(name: str, data_dir: str | None = None) -> Iterator[SourceImage]:
     if not builder.is_prepared():
         for url in (type(builder).url_infos or {}):
             check_reachable(url, f"TFDS dataset {name!r}", offline)
-    try:
-        datasets, info = tfds.load(name, split=None, data_dir=data_dir, with_info=True,
-                                   decoders={"image": tfds.decode.SkipDecoding()})
-    except Exception as err:  # noqa: BLE001 - network errors only, the rest is re-raised
-        if not transient(err):
-            raise
-        raise NetworkError(f"cannot download TFDS dataset {name!r} ({short_reason(err)}). {offline}") from None
-    label_feature = info.features["label"]
+        try:
+            builder.download_and_prepare()
+        except Exception as err:  # noqa: BLE001 - network errors only, the rest is re-raised
+            if not transient(err):
+                raise
+            raise NetworkError(f"cannot download TFDS dataset {name!r} ({short_reason(err)}). {offline}") from None
+    records = tfrecord_examples if on_local_tfrecords(builder) else tfds_load_examples
+    label_feature = builder.info.features["label"]
+    for split_name, index, image, label in records(builder):
+        yield SourceImage(label_feature.int2str(label), f"tfds:{name}/{split_name}[{index}]", image)
+
+
+def on_local_tfrecords(builder) -> bool:
+    """The dataset is prepared as TFRecord files on a local disk (not array_record, not gs://)."""
+    paths = [str(path) for split in builder.info.splits.values() for path in split.filepaths]
+    return builder.info.file_format.value == "tfrecord" and all(os.path.isfile(path) for path in paths)
+
+
+TFDS_BLOCK = 16  # tfds.ReadConfig's interleave_block_length, and its cycle length unless shuffling is disabled
+
+
+def tfrecord_examples(builder) -> Iterator[tuple[str, int, bytes, int]]:
+    """(split, index, encoded image, label) of every record of a TFDS dataset prepared as
+    TFRecord files, in the order ``tfds.load`` gives them without shuffling: blocks of 16
+    records from up to 16 shards in turn (so each image keeps the index it has always had)."""
+    from .tfrecord import example_features, read_records
+
+    cycle = 1 if builder.info.disable_shuffling else TFDS_BLOCK
+    for split_name in sorted(builder.info.splits):
+        shards = [read_records(Path(str(path))) for path in builder.info.splits[split_name].filepaths]
+        for index, record in enumerate(interleave(shards, cycle, TFDS_BLOCK)):
+            features = example_features(record)
+            yield split_name, index, features["image"][0], int(features["label"][0])
+
+
+def interleave(sources: list[Iterator], cycle_length: int, block_length: int) -> Iterator:
+    """The items of ``sources`` in the order of ``tf.data.Dataset.interleave``: up to
+    ``cycle_length`` sources open at once, ``block_length`` items from each in turn; a slot whose
+    source ends is refilled with the next source the next time the cycle reaches it."""
+    pending, slots = iter(sources), [None] * cycle_length
+    inputs_left = True
+    while inputs_left or any(slot is not None for slot in slots):
+        for c in range(cycle_length):
+            if slots[c] is None and inputs_left:
+                slots[c] = next(pending, None)
+                inputs_left = slots[c] is not None
+            if slots[c] is None:
+                continue
+            for _ in range(block_length):
+                item = next(slots[c], None)
+                if item is None:
+                    slots[c] = None
+                    break
+                yield item
+
+
+def tfds_load_examples(builder) -> Iterator[tuple[str, int, bytes, int]]:
+    """(split, index, encoded image, label) of every record, through ``tfds.load`` (TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    datasets = builder.as_dataset(split=None, decoders={"image": tfds.decode.SkipDecoding()})
     for split_name in sorted(datasets):
         for index, record in enumerate(tfds.as_numpy(datasets[split_name])):
-            label = label_feature.int2str(int(record["label"]))
-            yield SourceImage(label, f"tfds:{name}/{split_name}[{index}]", bytes(record["image"]))
+            yield split_name, index, bytes(record["image"]), int(record["label"])
 
 
 ARCHIVE_OFFLINE = "Offline: download it elsewhere and set data.path to the local file"

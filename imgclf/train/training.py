@@ -195,30 +195,23 @@ def train_head(train_set: Examples, val_set: Examples, backbone: keras.Model, mo
 
 
 def train_head_on_activations(activations: Activations, model_config: ModelParams, head: HeadParams,
-                              train: TrainParams, seed: int, workdir: Path,
-                              on_epoch: EpochHook | None = None) -> TrainResult:
-    """Phase 1 from the cached activations: the frozen top runs once per image into pooled
-    features (on disk in ``workdir``), the head trains on them, and its weights are copied
-    into the full image model, so both paths give the same kind of model."""
+                              train: TrainParams, seed: int, on_epoch: EpochHook | None = None) -> TrainResult:
+    """Phase 1 on the pooled features that the activations were cached with (the frozen top run
+    once per image: :func:`imgclf.train.activations.write_features`): the head trains on them,
+    and its weights are copied into the full image model, so both paths give the same kind of model."""
     n = len(activations.train.class_names)
     with distributed.strategy().scope():
         model = models.build_transfer_model(model_config, n, activations.backbone)
         _compile(model, head.learning_rate, train.label_smoothing)
-    started = time.perf_counter()
-    _, top = models.split_at(activations.backbone, activations.cut)
-    pooled = runner_for(models.pooled_top(top), activations.train, len(activations.train) + len(activations.val))
-    train_features = compute_outputs(pooled, activations.train, workdir / "features_train.npy")
-    val_features = compute_outputs(pooled, activations.val, workdir / "features_val.npy")
-    feature_seconds = time.perf_counter() - started
+    train_features, val_features = activations.features["train"], activations.features["val"]
     with distributed.strategy().scope():
         head_model = models.build_head_model(train_features.record_shape[0], model_config, n)
         _compile(head_model, head.learning_rate, train.label_smoothing)
     history, fit_seconds = fit(head_model, train_features, val_features, train, head_rules(head), seed,
                                on_epoch=on_epoch)
     models.copy_head_weights(head_model, model)
-    return TrainResult(model, history, feature_seconds + fit_seconds,
-                       {"cached_features": 1, "feature_seconds": round(feature_seconds, 2),
-                        **runtime_numbers("features", pooled.report)},
+    return TrainResult(model, history, fit_seconds,
+                       {"cached_features": 1, **runtime_numbers("features", activations.features_runtime["pooled_top"])},
                        fitted_model=head_model, fitted_val_set=val_features)
 
 

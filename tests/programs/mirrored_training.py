@@ -29,7 +29,7 @@ backbone, cut = backbone_cut(params.model, params.finetune)
 head = training.train_head(data, data, backbone, params.model, params.head, *sections)
 work = pathlib.Path(tempfile.mkdtemp())
 acts = compute_activations(backbone, cut, params.model.backbone, data, data, work / "acts")
-cached = training.train_head_on_activations(acts, params.model, params.head, params.train, params.seed, work)
+cached = training.train_head_on_activations(acts, params.model, params.head, params.train, params.seed)
 with mirrored.scope():
     tuned = training.train_finetune(cached.model, data, data, params.finetune, *sections, acts, work)
 assert mirrored.num_replicas_in_sync == 2
