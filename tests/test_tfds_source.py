@@ -93,14 +93,23 @@ def test_the_tfrecord_reader_gives_what_tfds_load_gives_in_its_order_without_ten
     assert result.stdout.split()[-2:] == ["50", "False"]
 
 
-def test_a_truncated_tfrecord_file_is_named(tmp_path):
-    from imgclf.data.tfrecord import read_records
+def _framed(record: bytes) -> bytes:
+    return len(record).to_bytes(8, "little") + b"\0" * 4 + record + b"\0" * 4
+
+
+@pytest.mark.parametrize("content, message", [
+    ((10).to_bytes(8, "little") + b"\0" * 4 + b"short", "bad.tfrecord: truncated TFRecord file"),
+    (_framed(b"\x0a\x05ab"), r"bad.tfrecord: record 0: not a tf.train.Example record"),
+    (_framed(b""), "bad.tfrecord: record 0 has no image or label feature"),
+])
+def test_a_bad_tfrecord_file_is_named(tmp_path, content, message):
+    from imgclf.data.tfrecord import read_examples
     from imgclf.errors import DataError
 
-    path = tmp_path / "cut.tfrecord"
-    path.write_bytes((10).to_bytes(8, "little") + b"\0" * 4 + b"short")
-    with pytest.raises(DataError, match="cut.tfrecord: truncated TFRecord file"):
-        list(read_records(path))
+    path = tmp_path / "bad.tfrecord"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        list(read_examples(path, ("image", "label")))
 
 
 @pytest.mark.parametrize("cycle, block", [(4, 3), (16, 16), (1, 16)])

@@ -122,13 +122,13 @@ def tfrecord_examples(builder) -> Iterator[tuple[str, int, bytes, int]]:
     """(split, index, encoded image, label) of every record of a TFDS dataset prepared as
     TFRecord files, in the order ``tfds.load`` gives them without shuffling: blocks of 16
     records from up to 16 shards in turn (so each image keeps the index it has always had)."""
-    from .tfrecord import example_features, read_records
+    from .tfrecord import read_examples
 
     cycle = 1 if builder.info.disable_shuffling else TFDS_BLOCK
     for split_name in sorted(builder.info.splits):
-        shards = [read_records(Path(str(path))) for path in builder.info.splits[split_name].filepaths]
-        for index, record in enumerate(interleave(shards, cycle, TFDS_BLOCK)):
-            features = example_features(record)
+        shards = [read_examples(Path(str(path)), ("image", "label"))
+                  for path in builder.info.splits[split_name].filepaths]
+        for index, features in enumerate(interleave(shards, cycle, TFDS_BLOCK)):
             yield split_name, index, features["image"][0], int(features["label"][0])
 
 

@@ -27,6 +27,20 @@ def read_records(path: Path) -> Iterator[bytes]:
             yield data
 
 
+def read_examples(path: Path, needed: tuple[str, ...] = ()) -> Iterator[dict[str, list]]:
+    """The ``tf.train.Example`` records of one TFRecord file as :func:`example_features`; a
+    DataError naming the file for a record that is not one or lacks one of the ``needed`` features."""
+    for number, record in enumerate(read_records(path)):
+        try:
+            features = example_features(record)
+        except DataError as err:
+            raise DataError(f"{path}: record {number}: {err}") from None
+        missing = [name for name in needed if not features.get(name)]
+        if missing:
+            raise DataError(f"{path}: record {number} has no {' or '.join(missing)} feature")
+        yield features
+
+
 def example_features(record: bytes) -> dict[str, list]:
     """A serialized ``tf.train.Example`` as {feature name: values}: a list of bytes for a
     ``bytes_list``, of ints for an ``int64_list`` (a ``float_list`` gives an empty list)."""
