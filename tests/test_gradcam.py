@@ -4,7 +4,7 @@ from conftest import tiny_params
 
 from imgclf.model import models
 from imgclf.params import params_from_dict
-from imgclf.serve.gradcam import gradcam, pick_examples
+from imgclf.serve.gradcam import gradcam, gradcam_batch_size, pick_examples
 from imgclf.train import training
 
 SIZE, PATCH = 32, 8
@@ -56,13 +56,20 @@ def test_gradcam_on_nested_backbones():
 
 
 def test_heatmaps_do_not_depend_on_the_batch_size():
-    """The default batch (an inference pass's, small on a CPU to bound memory) changes no number."""
+    """Grad-CAM's batch (a few images on a CPU, to bound memory) changes no number."""
     model = models.build_transfer_model(params_from_dict(tiny_params()).model, 3)
     images = np.random.default_rng(1).integers(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    default_maps, default_probs = gradcam(model, images)
+    two_maps, two_probs = gradcam(model, images, batch_size=2)
     one_batch_maps, one_batch_probs = gradcam(model, images, batch_size=16)
-    np.testing.assert_allclose(default_maps, one_batch_maps, atol=1e-5)
-    np.testing.assert_allclose(default_probs, one_batch_probs, atol=1e-6)
+    np.testing.assert_allclose(two_maps, one_batch_maps, atol=1e-5)
+    np.testing.assert_allclose(two_probs, one_batch_probs, atol=1e-6)
+
+
+def test_gradcam_batch_bounds_pixels_on_a_cpu():
+    """Four 352 px images a step (the default model), more of smaller ones, never fewer than one."""
+    assert gradcam_batch_size((352, 352)) == 4
+    assert gradcam_batch_size((224, 224)) == 9
+    assert gradcam_batch_size((2000, 2000)) == 1
 
 
 def test_pick_examples_mixes_right_and_wrong():

@@ -183,6 +183,11 @@ def test_exported_formats_match_keras(trained, tmp_path):
     assert report["tflite_float16"]["size_mb"] < report["tflite_float32"]["size_mb"]
     for fmt in ("saved_model", "tflite_float32", "tflite_float16"):
         assert report[fmt]["latency_ms"] > 0 and report[fmt]["top1_agreement"] >= 0.8
+    # both TFLite files come from one converter: the float32 file is what a converter of its own writes
+    import tensorflow as tf
+
+    alone = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "export" / "saved_model")).convert()
+    assert (tmp_path / "export" / "model_float32.tflite").read_bytes() == alone
 
 
 def test_export_with_tta_serves_what_evaluate_measured(asymmetric, tmp_path):

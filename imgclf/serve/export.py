@@ -27,16 +27,17 @@ def export_saved_model(model, directory: Path, tta: bool) -> None:
     archive.write_out(str(directory), verbose=False)
 
 
-def convert_tflite(saved_model: Path, path: Path, quantization: str = "none") -> None:
-    """float32 TFLite, or float16 / dynamic-range int8 weights."""
+def convert_tflite(saved_model: Path, files: dict[Path, str]) -> None:
+    """Each of ``files`` (path -> quantization) converted from ``saved_model``: float32 ("none"),
+    or float16 / dynamic-range int8 weights. One converter serves them all: the SavedModel is
+    loaded once (the files are byte for byte what separate converters write)."""
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if quantization in ("float16", "int8"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    path.write_bytes(converter.convert())
+    for path, quantization in files.items():
+        converter.optimizations = [tf.lite.Optimize.DEFAULT] if quantization in ("float16", "int8") else []
+        converter.target_spec.supported_types = [tf.float16] if quantization == "float16" else []
+        path.write_bytes(converter.convert())
 
 
 def saved_model_predictor(directory: Path):
@@ -89,11 +90,11 @@ def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_i
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "saved_model"
     export_saved_model(model, saved, info.tta)
-    formats = {"saved_model": saved, "tflite_float32": out_dir / "model_float32.tflite"}
-    convert_tflite(saved, formats["tflite_float32"])
+    tflite = {out_dir / "model_float32.tflite": "none"}
     if quantization != "none":
-        formats[f"tflite_{quantization}"] = out_dir / f"model_{quantization}.tflite"
-        convert_tflite(saved, formats[f"tflite_{quantization}"], quantization)
+        tflite[out_dir / f"model_{quantization}.tflite"] = quantization
+    convert_tflite(saved, tflite)
+    formats = {"saved_model": saved, **{f"tflite_{'float32' if q == 'none' else q}": path for path, q in tflite.items()}}
     (out_dir / "class_names.json").write_text(json.dumps(
         {"class_names": info.class_names, "image_size": info.image_size, "tta": info.tta,
          "input": "float32 RGB 0..255, NHWC"}, indent=2))
