@@ -90,11 +90,12 @@ def export_all(model, info: ModelInfo, out_dir: Path, quantization: str, check_i
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = out_dir / "saved_model"
     export_saved_model(model, saved, info.tta)
-    tflite = {out_dir / "model_float32.tflite": "none"}
+    formats = {"saved_model": saved, "tflite_float32": out_dir / "model_float32.tflite"}
+    tflite = {formats["tflite_float32"]: "none"}
     if quantization != "none":
-        tflite[out_dir / f"model_{quantization}.tflite"] = quantization
+        formats[f"tflite_{quantization}"] = out_dir / f"model_{quantization}.tflite"
+        tflite[formats[f"tflite_{quantization}"]] = quantization
     convert_tflite(saved, tflite)
-    formats = {"saved_model": saved, **{f"tflite_{'float32' if q == 'none' else q}": path for path, q in tflite.items()}}
     (out_dir / "class_names.json").write_text(json.dumps(
         {"class_names": info.class_names, "image_size": info.image_size, "tta": info.tta,
          "input": "float32 RGB 0..255, NHWC"}, indent=2))
