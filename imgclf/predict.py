@@ -64,11 +64,12 @@ def format_row(path: str, ranked: list[dict]) -> str:
 
 def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool = False,
                   batch_size: int = 32, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from .model.modelio import load_model
-    from .serve.inference import predict_probs, runner
+    from .model.modelio import read_metadata
+    from .serve.inference import predict_probs
+    from .serve.saved import load_runner
 
     out, err = out or sys.stdout, err or sys.stderr
-    model, info = load_model(model_path)
+    info = read_metadata(model_path)
     names, size = info.class_names, info.image_size
     k = max(1, min(k, len(names)))
     files, skipped = collect_files(inputs)
@@ -79,9 +80,10 @@ def predict_files(model_path: Path, inputs: list[str], k: int = 3, as_json: bool
     for start in range(0, len(files), batch_size):
         images, good, bad = load_batch(files[start:start + batch_size], size)
         skipped.extend(bad)
-        if served is None and len(images):
-            served = runner(model, len(files) * (2 if info.tta else 1), images)
-        probs = predict_probs(served or model, images, info.tta)
+        if len(images):
+            # LiteRT without TensorFlow where the model's conversion is recorded, else Keras loaded here
+            served = served or load_runner(model_path, len(files) * (2 if info.tta else 1), images)
+        probs = predict_probs(served, images, info.tta) if len(images) else np.empty((0, len(names)))
         for path, row in zip(good, probs):
             ranked = top_k(row, names, k)
             out.write((json.dumps({"path": str(path), "top_k": ranked}) if as_json

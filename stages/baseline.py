@@ -20,7 +20,7 @@ def main() -> str:
                                          on_epoch=run.log_epoch)
         temperature = training.calibrate_result(result, params.train.calibrate)
         info = ModelInfo("baseline", "baseline_cnn", train.class_names, size, params.train.tta, temperature)
-        line = save_training_outputs(layout, result, info, run, val.read([0]))
+        line = save_training_outputs(layout, result, info, run, val)
     return line
 
 

@@ -4,14 +4,14 @@ import json
 from pathlib import Path
 
 from imgclf.data.store import open_split
-from imgclf.model.modelio import load_model
+from imgclf.model.modelio import read_metadata
 from imgclf.params import MODEL_NAMES, load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.serve import evaluation as ev
 from imgclf.serve import reporting
-from imgclf.serve.inference import predict_probs, runner_for
+from imgclf.serve.inference import predict_probs
+from imgclf.serve.saved import load_runner
 from imgclf.track import tracking
-from imgclf.train.calibration import uncalibrated
 
 
 def main() -> str:
@@ -21,17 +21,18 @@ def main() -> str:
     with tracking.stage_run("evaluate", params, layout.root) as run:
         results, diagnostics = {}, {}
         for name in MODEL_NAMES:
-            model, info = load_model(layout.model(name))
+            info = read_metadata(layout.model(name))
             test = open_split(layout.model_store(name), "test", info.image_size)  # streamed from disk
             if name == MODEL_NAMES[0]:
                 run.log_split(layout.root, layout.split, {"test": len(test)}, "evaluation")
-            runner = runner_for(model, test, len(test) * (2 if info.tta else 1))  # LiteRT on a CPU
+            # LiteRT on a CPU, without TensorFlow where the training stage recorded the model's conversion
+            runner = load_runner(layout.model(name), len(test) * (2 if info.tta else 1), test)
             probs, images_per_s = ev.timed_predictions(lambda x: predict_probs(runner, x, info.tta), test)
             assessment = ev.assess(ev.Predictions(probs, test.labels, info.class_names),
-                                   uncalibrated(probs, info.temperature), info.temperature, test.paths,
+                                   ev.uncalibrated(probs, info.temperature), info.temperature, test.paths,
                                    params.evaluate)
             results[name] = {**assessment.metrics, "throughput_images_per_s": round(images_per_s, 2),
-                             "params_total": int(model.count_params()),
+                             "params_total": runner.parameters,
                              "model_file_mb": round(layout.model(name).stat().st_size / 2**20, 3)}
             diagnostics[name] = assessment.diagnostics(params.evaluate.f1_threshold)
             reporting.write_model_report(name, assessment, reports, plots, layout.root)

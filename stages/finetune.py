@@ -30,7 +30,7 @@ def main() -> str:
                                          params.seed, activations, workdir, on_epoch=run.log_epoch)
         temperature = training.calibrate_result(result, params.train.calibrate)
         info = dataclasses.replace(head_info, stage="finetune", tta=params.train.tta, temperature=temperature)
-        line = save_training_outputs(layout, result, info, run, val.read([0]), params.mlflow.registered_model)
+        line = save_training_outputs(layout, result, info, run, val, params.mlflow.registered_model)
     return line
 
 

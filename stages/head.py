@@ -29,7 +29,7 @@ def main() -> str:
                                          params.augment, params.seed, on_epoch=run.log_epoch)
         temperature = training.calibrate_result(result, params.train.calibrate)
         info = ModelInfo("head", params.model.backbone, train.class_names, size, params.train.tta, temperature)
-        line = save_training_outputs(layout, result, info, run, val.read([0]))
+        line = save_training_outputs(layout, result, info, run, val)
     return line
 
 

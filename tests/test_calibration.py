@@ -9,6 +9,7 @@ from imgclf.data.datasets import ImageSet
 from imgclf.model import models
 from imgclf.model.modelio import ModelInfo, load_model, save_model
 from imgclf.params import params_from_dict
+from imgclf.serve import evaluation
 from imgclf.serve.evaluation import expected_calibration_error
 from imgclf.train import calibration
 
@@ -34,7 +35,7 @@ def test_calibration_lowers_ece_and_keeps_predictions():
     before, after = calibration.softmax(logits), calibration.softmax(logits / fitted)
     assert expected_calibration_error(after, labels) < 0.02 < expected_calibration_error(before, labels)
     np.testing.assert_array_equal(before.argmax(1), after.argmax(1))
-    np.testing.assert_allclose(calibration.uncalibrated(after, fitted), before, atol=1e-6)
+    np.testing.assert_allclose(evaluation.uncalibrated(after, fitted), before, atol=1e-6)
 
 
 def test_temperature_is_folded_into_the_last_layer_and_survives_saving(tmp_path):

@@ -120,3 +120,41 @@ def test_the_fingerprint_names_architecture_and_weights(classifier):
     weights[-1] = weights[-1] + 1e-3
     same.set_weights(weights)
     assert inference.fingerprint(same) != inference.fingerprint(model)
+
+
+def test_a_saved_models_recorded_conversion_serves_it_without_tensorflow(classifier, litert_cache, tmp_path,
+                                                                         monkeypatch):
+    """The first pass over a saved file loads Keras, converts and records the conversion; the next
+    serves that file on LiteRT alone (a new process imports no TensorFlow) with the same outputs;
+    a file whose bytes changed, or IMGCLF_RUNTIME=keras, goes back to Keras."""
+    import subprocess
+    import sys
+
+    from imgclf.model.modelio import ModelInfo, save_model
+    from imgclf.serve.saved import load_runner
+
+    model, _, images = classifier
+    path = tmp_path / "finetune.keras"
+    save_model(model, path, ModelInfo("finetune", "mobilenetv2", ["a", "b", "c"], 32, tta=True))
+    monkeypatch.delenv(inference.RUNTIME_ENV, raising=False)
+    first = load_runner(path, 1000, images)
+    assert first.model is not None and first.runtime == "litert" and first.report["convert_seconds"] > 0
+    assert first.parameters == model.count_params()
+    again = load_runner(path, 10, images)  # a small pass: the recorded file serves it
+    assert again.model is None and again.runtime == "litert" and again.parameters == model.count_params()
+    assert again.report["parity"] == first.report["parity"] and again.report["parity_checked"] == "when converted"
+    np.testing.assert_array_equal(predict_probs(again, images, tta=True), predict_probs(first, images, tta=True))
+    assert predict_probs(again, images[:0], tta=True).shape == (0, 3)
+
+    probe = (f"import sys, numpy as np; from imgclf.serve.saved import load_runner; "
+             f"run = load_runner(__import__('pathlib').Path({str(path)!r}), 10, np.zeros((1, 32, 32, 3))); "
+             f"print(run.runtime, run.model is None, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["litert", "True", "False", "False"], out.stderr
+
+    monkeypatch.setenv(inference.RUNTIME_ENV, "keras")
+    assert load_runner(path, 1000, images).runtime == "keras"
+    monkeypatch.delenv(inference.RUNTIME_ENV)
+    with open(path, "ab") as handle:  # other bytes: no record of this file, Keras loads it again
+        handle.write(b"\0")
+    assert load_runner(path, 1000, images).model is not None

@@ -11,10 +11,12 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import keras
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    import keras
 
 METADATA_ENTRY = "imgclf.json"
 
@@ -80,6 +82,8 @@ def read_metadata(path: Path) -> ModelInfo:
 
 def load_model(path: Path) -> tuple[keras.Model, ModelInfo]:
     """Load in safe mode (no arbitrary code), with the saved ModelInfo."""
+    import keras
+
     info = read_metadata(path)
     try:
         model = keras.models.load_model(path, safe_mode=True, compile=False)

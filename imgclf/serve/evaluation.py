@@ -10,6 +10,18 @@ from sklearn import metrics as skm
 from ..params import EvaluateParams
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The probabilities before a folded temperature: ``softmax(T * log p)`` (exact for one model;
+    for an ensemble, which averages after the softmax, the nearest this can say from ``probs``)."""
+    return softmax(temperature * np.log(np.clip(probs.astype(np.float64), 1e-30, 1.0)))
+
+
 @dataclass
 class Predictions:
     probs: np.ndarray  # (N, C) softmax outputs

@@ -10,18 +10,24 @@ network (MobileNetV2's frozen bottom at 224 px: 307 against 91 images/s on 2 cor
 checks it against Keras on its first images before using it (:func:`check_parity`). Keras stays
 the runtime on a GPU, for passes too small to repay a conversion, and where LiteRT cannot
 convert a model (one warning line).
+
+A saved model's conversion is also recorded under the model file's hash, with the parity check it
+passed (:func:`record_conversion`): :func:`imgclf.serve.saved.load_runner` serves such a file on
+LiteRT without importing TensorFlow or loading Keras (evaluate, `predict`), and loads Keras only for
+a file whose conversion is not recorded. TensorFlow is imported by the functions that use it, not by this module.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 
 from .. import console
@@ -29,6 +35,9 @@ from ..concurrency import cpu_threads
 from ..data.datasets import Examples, ImageSet, batches, record_batches
 from ..errors import StageError
 from ..project import user_cache
+
+if TYPE_CHECKING:
+    import keras
 
 GPU_BATCH = 64
 # On a CPU a batch's first, largest activations should stay in the processor's cache:
@@ -49,10 +58,11 @@ class ParityError(StageError):
     """A converted model disagrees with Keras: its outputs would be wrong."""
 
 
-def inference_batch_size(record_shape: tuple[int, ...]) -> int:
+def inference_batch_size(record_shape: tuple[int, ...], on_cpu: bool = False) -> int:
     """Batch size of an inference-only pass over records of ``record_shape`` (images, cached
-    activations or features). No batch statistics at inference: it cannot change a prediction."""
-    if len(record_shape) < 3 or gpu_visible():
+    activations or features), on a GPU if one is visible, or ``on_cpu``. No batch statistics at
+    inference: it cannot change a prediction."""
+    if len(record_shape) < 3 or (not on_cpu and gpu_visible()):
         return GPU_BATCH
     return max(1, min(GPU_BATCH, CPU_BATCH_PIXELS // (record_shape[0] * record_shape[1])))
 
@@ -74,21 +84,42 @@ def serving_function(model: keras.Model, tta: bool):
                            + model(tf.reverse(images, axis=[2]), training=False)) / 2
 
 
+def gpu_possible() -> bool:
+    """Whether TensorFlow may see a GPU, judged without importing it: a GPU device node (NVIDIA's,
+    or ROCm's), unless ``CUDA_VISIBLE_DEVICES`` hides every device."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
+
+
 @dataclass
 class Runner:
     """A model ready to infer: ``runner(batch) -> outputs`` (float32 numpy), on ``runtime``;
-    ``report`` says which runtime served it, why, and its parity with Keras."""
+    ``report`` says which runtime served it, why, and its parity with Keras. ``model`` is None
+    for a recorded conversion served without Keras (:func:`imgclf.serve.saved.load_runner`)."""
 
-    model: keras.Model
+    model: keras.Model | None
     runtime: str
     report: dict = field(default_factory=dict)
     interpreter: object = None
+    parameters: int | None = None
+    converted: Path | None = None  # the cached LiteRT file it runs
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         inputs = np.ascontiguousarray(inputs, np.float32)
         if self.interpreter is None:
             return np.asarray(self.model.predict_on_batch(inputs), np.float32)
         return _litert_outputs(self.interpreter, inputs)
+
+    @property
+    def outputs(self) -> int:
+        """The size of one output (the number of classes of a classifier)."""
+        if self.interpreter is not None:
+            return int(self.interpreter.get_output_details()[0]["shape"][-1])
+        return int(self.model.output.shape[-1])
+
+    def batch_size(self, record_shape: tuple[int, ...]) -> int:
+        return inference_batch_size(record_shape, on_cpu=self.interpreter is not None)
 
 
 def _litert_outputs(interpreter, inputs: np.ndarray) -> np.ndarray:
@@ -119,6 +150,8 @@ def choose_runtime(images: int, converted: bool) -> tuple[str, str]:
 
 
 def _layer_names(model: keras.Model) -> list[str]:
+    import keras
+
     names = [model.name]
     for layer in model.layers:
         names += _layer_names(layer) if isinstance(layer, keras.Model) else [layer.name]
@@ -128,6 +161,7 @@ def _layer_names(model: keras.Model) -> list[str]:
 def fingerprint(model: keras.Model) -> str:
     """Names the function a model computes: its architecture (layer names replaced by their
     order, as Keras numbers unnamed layers per process), weights, and the converter's version."""
+    import keras
     import tensorflow as tf
 
     architecture = model.to_json()
@@ -188,6 +222,8 @@ def litert_interpreter(path: Path, input_shape: tuple[int, ...]):
 def ensemble_members(model: keras.Model) -> list[keras.Model]:
     """The models whose probabilities ``model`` averages (an ensemble of fine-tuned tops, or an image
     model ending in one: :func:`imgclf.model.models.build_ensemble`), or ``[model]``."""
+    import keras
+
     last = model.layers[-1]
     if isinstance(last, keras.layers.Average):
         return [layer for layer in model.layers if isinstance(layer, keras.Model)]
@@ -198,6 +234,8 @@ def ensemble_members(model: keras.Model) -> list[keras.Model]:
 
 def is_classifier(model: keras.Model) -> bool:
     """Ends in a softmax (or averages models that do): its outputs are class probabilities."""
+    import keras
+
     members = ensemble_members(model)
     if members[0] is not model:
         return all(is_classifier(member) for member in members)
@@ -242,7 +280,7 @@ def runner(model: keras.Model, images: int, sample: np.ndarray) -> Runner:
         return Runner(model, "keras", {"runtime": "keras", "why": f"LiteRT conversion failed: {reason}"})
     parity = check_parity(model, interpreter, np.asarray(sample[:PARITY_IMAGES], np.float32))
     return Runner(model, "litert", {"runtime": "litert", "why": why, "convert_seconds": round(seconds, 2),
-                                    "threads": cpu_threads(), "parity": parity}, interpreter)
+                                    "threads": cpu_threads(), "parity": parity}, interpreter, converted=path)
 
 
 def runner_for(model: keras.Model, examples: Examples, images: int | None = None) -> Runner:
@@ -250,6 +288,50 @@ def runner_for(model: keras.Model, examples: Examples, images: int | None = None
     checked on the first records of ``examples``."""
     sample = examples.read(np.arange(min(PARITY_IMAGES, len(examples)))).astype(np.float32)
     return runner(model, len(examples) if images is None else images, sample)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def _record_path(model_file: Path) -> Path:
+    return user_cache("litert") / "saved" / f"{_file_digest(model_file)}.json"
+
+
+def record_conversion(model_file: Path, model: keras.Model, converted: Path, parity: dict) -> None:
+    """Note that the model saved at ``model_file`` (as its bytes are now; ``model``, loaded from it)
+    is served by the cached LiteRT file ``converted``, which passed ``parity`` against Keras, so that
+    :func:`imgclf.serve.saved.load_runner` can serve that file without Keras."""
+    record = {"file": converted.name, "parity": parity, "parameters": int(model.count_params()),
+              "input_shape": list(model.input.shape[1:])}
+    path = _record_path(model_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.part")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+    for old in sorted(path.parent.glob("*.json"), key=lambda p: p.stat().st_mtime)[:-CACHE_KEEP]:
+        old.unlink(missing_ok=True)
+
+
+def recorded_runner(model_file: Path) -> Runner | None:
+    """The LiteRT runner of a saved model whose conversion :func:`record_conversion` noted and whose
+    converted file is still cached, or None."""
+    try:
+        record = json.loads(_record_path(model_file).read_text())
+        path = user_cache("litert") / record["file"]
+        if not path.exists():
+            return None
+        interpreter = litert_interpreter(path, tuple(record["input_shape"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    os.utime(path)  # recently used
+    report = {"runtime": "litert", "why": "CPU", "convert_seconds": 0.0, "threads": cpu_threads(),
+              "parity": record["parity"], "parity_checked": "when converted"}
+    return Runner(None, "litert", report, interpreter, parameters=int(record["parameters"]), converted=path)
 
 
 def as_examples(images: np.ndarray | Examples) -> Examples:
@@ -263,7 +345,7 @@ def run_outputs(model: keras.Model | Runner, examples: Examples, augment=None,
     """Yield the outputs of ``model`` (a Keras model or its runner) for successive batches of
     ``examples`` (augmented by ``augment`` if given), in order."""
     run = model if isinstance(model, Runner) else runner_for(model, examples)
-    batch_size = batch_size or inference_batch_size(examples.record_shape)
+    batch_size = batch_size or run.batch_size(examples.record_shape)
     if augment is None:
         yield from map(run, record_batches(examples, batch_size))
         return
@@ -277,12 +359,12 @@ def predict_probs(model: keras.Model | Runner, images: np.ndarray | Examples, tt
     (a split of the store), streamed in batches and cast to float32 per batch; with ``tta`` the
     mean with the mirror images' probabilities. ``model``: a Keras model or a :class:`Runner`."""
     images = as_examples(images)
-    keras_model = model.model if isinstance(model, Runner) else model
     if len(images) == 0:
-        return np.empty((0, keras_model.output.shape[-1]), np.float32)
+        outputs = model.outputs if isinstance(model, Runner) else model.output.shape[-1]
+        return np.empty((0, outputs), np.float32)
     run = model if isinstance(model, Runner) else runner_for(model, images, len(images) * (2 if tta else 1))
     out = []
-    for x in record_batches(images, batch_size or inference_batch_size(images.record_shape)):
+    for x in record_batches(images, batch_size or run.batch_size(images.record_shape)):
         probs = run(x)
         if tta:
             probs = (probs + run(x[:, :, ::-1])) / 2

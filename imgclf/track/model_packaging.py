@@ -66,20 +66,23 @@ def _log_model(run: StageRun, model_path: Path, name: str, example, register_as:
 def served_litert_file(model_path: Path, example) -> Path | None:
     """The saved model's LiteRT file for the served model to run: the pipeline's cached conversion
     (the one `evaluate` and `predict` run, converted now if missing), checked against Keras on
-    ``example``; None, with one warning line, where LiteRT cannot run it (it is served on Keras)."""
+    ``example`` and recorded for them (:func:`imgclf.serve.inference.record_conversion`); None, with
+    one warning line, where LiteRT cannot run it (it is served on Keras)."""
     import numpy as np
 
     from ..model.modelio import load_model
-    from ..serve.inference import check_parity, fingerprint, litert_file, litert_interpreter
+    from ..serve.inference import check_parity, fingerprint, litert_file, litert_interpreter, record_conversion
 
     model, _ = load_model(model_path)
     try:
         path, _ = litert_file(model, user_cache("litert") / f"{fingerprint(model)}.tflite")
-        check_parity(model, litert_interpreter(path, tuple(model.input.shape[1:])), np.asarray(example, np.float32))
+        parity = check_parity(model, litert_interpreter(path, tuple(model.input.shape[1:])),
+                              np.asarray(example, np.float32))
     except Exception as err:  # noqa: BLE001 - the converter's errors have no common type; parity failed
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         console.warn(f"the served MLflow model of {model_path.name} runs on Keras: LiteRT cannot run it ({reason})")
         return None
+    record_conversion(model_path, model, path, parity)
     return path
 
 

@@ -13,14 +13,8 @@ import keras
 import numpy as np
 
 from ..data.datasets import Examples, batches
-from ..serve.evaluation import expected_calibration_error
+from ..serve.evaluation import expected_calibration_error, softmax
 from ..serve.inference import ensemble_members, inference_batch_size
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray | list[np.ndarray], labels: np.ndarray, temperature: float) -> float:
@@ -111,9 +105,3 @@ def calibrate(model: keras.Model, val: Examples, bins: int = 10) -> dict[str, fl
             "val_nll_calibrated": round(nll(z, val.labels, temperature), 6),
             "val_ece_uncalibrated": round(expected_calibration_error(before, val.labels, bins), 6),
             "val_ece_calibrated": round(expected_calibration_error(after, val.labels, bins), 6)}
-
-
-def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """The probabilities before a folded temperature: ``softmax(T * log p)`` (exact for one model;
-    for an ensemble, which averages after the softmax, the nearest this can say from ``probs``)."""
-    return softmax(temperature * np.log(np.clip(probs.astype(np.float64), 1e-30, 1.0)))

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import cluster, console
+from ..data.datasets import Examples
 from ..model.modelio import ModelInfo, save_model
 from ..project import Layout, write_json
+from ..serve.inference import PARITY_IMAGES
 from ..track.model_packaging import log_served_model
 from ..track.tracking import StageRun
 from .training import TrainResult
@@ -35,10 +37,11 @@ def weights_digest(model) -> str:
 
 
 def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, run: StageRun,
-                          example: np.ndarray, register_as: str = "") -> str:
+                          val: Examples, register_as: str = "") -> str:
     """The model (with its ModelInfo), per-epoch history, summary numbers, and the same in MLflow (the
-    per-epoch metrics were logged live); ``example``: images the model takes, the first of which
-    becomes the logged model's input example; ``register_as``: a Model Registry name for it.
+    per-epoch metrics were logged live); ``val``: the validation images, whose first becomes the
+    logged model's input example and whose first few check its LiteRT conversion against Keras;
+    ``register_as``: a Model Registry name for it.
     Returns the stage's line (:func:`training_line`)."""
     stage = info.stage
     if cluster.cluster() is not None:  # the workers of a cluster end with equal weights: this shows it
@@ -56,6 +59,7 @@ def save_training_outputs(layout: Layout, result: TrainResult, info: ModelInfo, 
     # names, they would add a stray point to those curves
     run.log_metrics({(f"kept_{k}" if k in result.history else k): v for k, v in summary.items()})
     run.log_artifacts(history_path)
+    example = val.read(np.arange(min(PARITY_IMAGES, len(val))))
     version = log_served_model(run, model_path, stage, example, register_as)
     return training_line(stage, summary, f"{register_as} version {version}" if version else "")
 
