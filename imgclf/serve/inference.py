@@ -14,7 +14,8 @@ convert a model (one warning line).
 A saved model's conversion is also recorded under the model file's hash, with the parity check it
 passed (:func:`record_conversion`): :func:`imgclf.serve.saved.load_runner` serves such a file on
 LiteRT without importing TensorFlow or loading Keras (evaluate, `predict`), and loads Keras only for
-a file whose conversion is not recorded. TensorFlow is imported by the functions that use it, not by this module.
+a file whose conversion is not recorded. TensorFlow is imported by the functions that use it, not by
+this module.
 """
 from __future__ import annotations
 
@@ -326,7 +327,7 @@ def recorded_runner(model_file: Path) -> Runner | None:
         if not path.exists():
             return None
         interpreter = litert_interpreter(path, tuple(record["input_shape"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError):  # no record, or a damaged one
         return None
     os.utime(path)  # recently used
     report = {"runtime": "litert", "why": "CPU", "convert_seconds": 0.0, "threads": cpu_threads(),
