@@ -35,6 +35,7 @@ from .. import console
 from ..concurrency import cpu_threads
 from ..data.datasets import Examples, ImageSet, batches, record_batches
 from ..errors import StageError
+from ..network import sha256_file
 from ..project import user_cache
 
 if TYPE_CHECKING:
@@ -291,16 +292,8 @@ def runner_for(model: keras.Model, examples: Examples, images: int | None = None
     return runner(model, len(examples) if images is None else images, sample)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]
-
-
 def _record_path(model_file: Path) -> Path:
-    return user_cache("litert") / "saved" / f"{_file_digest(model_file)}.json"
+    return user_cache("litert") / "saved" / f"{sha256_file(Path(model_file))[:32]}.json"
 
 
 def record_conversion(model_file: Path, model: keras.Model, converted: Path, parity: dict) -> None:
