@@ -162,8 +162,11 @@ def repro_killed_in(root, stage: str, target: str, delay: float, after_run_opens
             time.sleep(delay)
             victims = stage_processes(module, process.pid)
             hit = bool(victims)
-            if target == "dvc" or not victims:  # (a stage already over: stop DVC going on to the end)
-                os.killpg(process.pid, signal.SIGKILL)
+            if not victims:  # the stage is over: stop DVC at its next stage, not while it rewrites dvc.lock
+                next((line for line in process.stdout if line.startswith("Running stage")), None)
+            if target == "dvc" or not victims:  # DVC waits on a stage process here, so dvc.lock is whole
+                with contextlib.suppress(ProcessLookupError):  # (or it has already finished the run)
+                    os.killpg(process.pid, signal.SIGKILL)
             for pid in victims:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
