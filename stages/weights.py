@@ -1,6 +1,6 @@
 """DVC stage `weights`: the backbone's ImageNet weights fetched into Keras' cache. It comes first in
 dvc.yaml, so DVC runs it before any stage trains and a run without them stops in seconds."""
-from imgclf.model.models import fetch_weights
+from imgclf.model.weights import fetch_weights
 from imgclf.params import load_params
 from imgclf.project import Layout, project_root, run_stage, write_json
 from imgclf.track import tracking

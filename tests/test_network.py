@@ -159,3 +159,51 @@ def test_missing_imagenet_weights_name_the_file_and_the_offline_ways(monkeypatch
     assert attempts == ["imagenet"] * 3 and "tried 3 times" in message
     assert "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5" in message
     assert ".keras/models/" in message and "model.weights: none" in message
+
+
+def test_cached_imagenet_weights_are_counted_without_tensorflow(tmp_path):
+    """The weights stage's check of a weights file already in Keras' cache: its values counted from
+    the HDF5 file as the built backbone counts them, in a process that never imports TensorFlow."""
+    import os
+    import subprocess
+
+    import h5py
+    import numpy as np
+
+    from conftest import ROOT
+
+    models = tmp_path / "keras" / "models"
+    models.mkdir(parents=True)
+    name = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+    with h5py.File(models / name, "w") as weights:  # Keras' layout: one group per layer
+        weights.create_dataset("Conv1/Conv1/kernel:0", data=np.zeros((3, 3, 3, 32), np.float32))
+        weights.create_dataset("bn_Conv1/bn_Conv1/gamma:0", data=np.ones(32, np.float32))
+    code = ("import sys; from imgclf.model.weights import fetch_weights; from imgclf.params import ModelParams; "
+            "info = fetch_weights(ModelParams('mobilenetv2', 'imagenet', 352, 0.2, 0)); "
+            "print(info['parameters'], 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(3 * 3 * 3 * 32 + 32), "False", "False"]
+
+
+def test_a_damaged_or_absent_weights_file_is_fetched_by_building_the_backbone(tmp_path, monkeypatch):
+    from imgclf.model import models
+    from imgclf.model.weights import fetch_weights, weights_file_name
+    from imgclf.params import ModelParams
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    config = ModelParams("mobilenetv2", "imagenet", 96, 0.2, 0)
+    built = []
+
+    class Built:
+        def count_params(self):
+            return 7
+
+    monkeypatch.setattr(models, "build_backbone", lambda *args: built.append(args) or Built())
+    assert fetch_weights(config)["parameters"] == 7  # absent
+    (tmp_path / "models" / weights_file_name("mobilenetv2", 96)).write_bytes(b"<html>truncated")
+    assert fetch_weights(config)["parameters"] == 7  # not an HDF5 file
+    assert built == [("mobilenetv2", "imagenet", 96)] * 2
+    assert weights_file_name("mobilenetv2", 352) == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"

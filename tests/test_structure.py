@@ -104,7 +104,7 @@ def test_the_stages_that_need_no_tensorflow_import_none():
     import subprocess
     import sys
 
-    code = ("import sys, stages.download, stages.split, stages.store, stages.audit; "
+    code = ("import sys, stages.weights, stages.download, stages.split, stages.store, stages.audit; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'tensorflow_datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -82,14 +82,6 @@ def build_backbone(backbone: str, weights: str, image_size: int) -> keras.Model:
     return model
 
 
-def fetch_weights(config: ModelParams) -> dict:
-    """Build the configured backbone once, so its ImageNet weights are in Keras' cache before any
-    stage trains: a run that cannot fetch them stops in seconds, not after the baseline's minutes."""
-    backbone = build_backbone(config.backbone, config.weights, config.image_size)
-    return {"backbone": config.backbone, "weights": config.weights, "image_size": config.image_size,
-            "parameters": int(backbone.count_params())}
-
-
 def _head(x, config: ModelParams, num_classes: int):
     x = layers.Dropout(config.dropout, name="head_dropout")(x)
     if config.hidden_units:
