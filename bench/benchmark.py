@@ -9,7 +9,8 @@ both, as a table and as JSON (also written to bench/results/benchmark.json).
     python bench/benchmark.py                              # both recipes
     python bench/benchmark.py --only pipeline              # just ours
     python bench/benchmark.py --repro                      # and a whole `dvc repro` from empty
-    python bench/benchmark.py --recipe fast=model.image_size=224,finetune.members=1   # and other recipes
+    python bench/benchmark.py --recipe fast=model.image_size=224,finetune.members=1,finetune.epochs=4
+                                                           # and other recipes
 
 The pipeline side uses params.yaml (its input size too) with model.backbone=mobilenetv2 and
 model.weights=imagenet; the reference recipe runs at 224 px, the size of its ImageNet weights. It also
@@ -261,7 +262,8 @@ def main() -> None:
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     parser.add_argument("--recipe", action="append", default=[], metavar="NAME=KEY=VALUE,...",
                         help="also time this pipeline recipe's training phases (params.yaml with these "
-                             "overrides, as `dvc exp run -S`), e.g. fast=model.image_size=224,finetune.members=1")
+                             "overrides, as `dvc exp run -S`), e.g. "
+                             "fast=model.image_size=224,finetune.members=1,finetune.epochs=4")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "benchmark.json"))
     args = parser.parse_args()
 
