@@ -99,8 +99,8 @@ def test_a_stage_past_its_time_limit_fails_with_every_thread_stack(tmp_path):
 
 
 def test_the_stages_that_need_no_tensorflow_import_none():
-    """download, split, store and the audit (which reads the activations stage's pooled features)
-    start without TensorFlow's seconds of import."""
+    """weights (a file already in Keras' cache is read with h5py), download, split, store and the audit
+    (which reads the activations stage's pooled features) start without TensorFlow's seconds of import."""
     import subprocess
     import sys
 
